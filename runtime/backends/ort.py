@@ -1,0 +1,43 @@
+"""onnxruntime backend: one InferenceSession per graph, fed the same gear shapes as the NPU."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import BundleError
+from .base import TensorSpec, check_feeds
+
+
+class OrtSession:
+    def __init__(self, bundle, graph_name: str, threads: int = 0,
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+        import onnxruntime as ort
+
+        entry = bundle.graph(graph_name)
+        self.name = graph_name
+        self.gears = entry.get("gears")
+        self.inputs = [TensorSpec.from_manifest(e) for e in entry["inputs"]]
+        self.outputs = [TensorSpec.from_manifest(e) for e in entry["outputs"]]
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        path = bundle.path(entry["file"])
+        try:
+            self._sess = ort.InferenceSession(str(path), opts, providers=list(providers))
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise BundleError(f"onnxruntime cannot load '{path}': {e}") from e
+        active = self._sess.get_providers()
+        if active[0] != providers[0]:
+            raise BundleError(f"asked for {providers[0]} but onnxruntime runs {active[0]}")
+        declared = [s.name for s in self.inputs]
+        actual = [i.name for i in self._sess.get_inputs()]
+        if declared != actual:
+            raise BundleError(f"'{path}' has inputs {actual}, the manifest declares {declared}")
+        self._out_names = [s.name for s in self.outputs]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self.name, self.inputs, self.gears, feeds)
+        outs = self._sess.run(self._out_names, {s.name: feeds[s.name] for s in self.inputs})
+        return dict(zip(self._out_names, outs))
+
+    def close(self) -> None:
+        self._sess = None

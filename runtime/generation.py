@@ -1,0 +1,124 @@
+"""Next-token choice (greedy, temperature, top-k, top-p, repetition penalty) and stop strings.
+
+The processors run in transformers' order: repetition penalty, then temperature, top-k and
+top-p. As in transformers' ``generate(inputs_embeds=...)``, the penalty sees only the
+tokens generated so far (the prompt is embeddings, not ids).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 300
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_on_eos: bool = True
+    stop_strings: tuple[str, ...] | None = None  # None: the bundle's own
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise InputError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @classmethod
+    def from_manifest(cls, entry: dict, **overrides) -> "GenerationConfig":
+        known = {k: v for k, v in entry.items() if k in cls.__dataclass_fields__}
+        known.update({k: v for k, v in overrides.items() if v is not None})
+        if known.get("stop_strings") is not None:
+            known["stop_strings"] = tuple(known["stop_strings"])
+        return cls(**known)
+
+    def but(self, **changes) -> "GenerationConfig":
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass
+class Sampler:
+    config: GenerationConfig
+    eos_ids: tuple[int, ...]
+    generated: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.rng = np.random.default_rng(self.config.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        cfg, scores = self.config, logits.astype(np.float64, copy=True)
+        if len(self.generated) < cfg.min_new_tokens:
+            scores[list(self.eos_ids)] = -np.inf
+        if cfg.repetition_penalty != 1.0 and self.generated:
+            ids = np.unique(self.generated)
+            s = scores[ids]
+            scores[ids] = np.where(s < 0, s * cfg.repetition_penalty, s / cfg.repetition_penalty)
+        if not cfg.do_sample:
+            token = int(np.argmax(scores))
+        else:
+            token = self._sample(scores / cfg.temperature)
+        self.generated.append(token)
+        return token
+
+    def _sample(self, scores: np.ndarray) -> int:
+        cfg = self.config
+        if cfg.top_k and cfg.top_k < len(scores):
+            kth = np.partition(scores, -cfg.top_k)[-cfg.top_k]
+            scores = np.where(scores < kth, -np.inf, scores)
+        probs = np.exp(scores - scores.max())
+        probs /= probs.sum()
+        if cfg.top_p < 1.0:
+            order = np.argsort(probs)  # ascending, as transformers' TopPLogitsWarper
+            cum = np.cumsum(probs[order])
+            drop = cum <= 1 - cfg.top_p
+            drop[-1] = False
+            probs[order[drop]] = 0.0
+            probs /= probs.sum()
+        return int(self.rng.choice(len(probs), p=probs))
+
+
+class StopText:
+    """Streams text, holding back any tail that could start a stop string."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        self.text += piece
+        for s in self.stops:
+            at = self.text.find(s)
+            if at >= 0:
+                self.text, self.stopped = self.text[:at], True
+        hold = 0 if self.stopped else self._partial_tail()
+        out = self.text[self.emitted:len(self.text) - hold]
+        self.emitted += len(out)
+        return out
+
+    def _partial_tail(self) -> int:
+        best = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:k]):
+                    best = max(best, k)
+                    break
+        return best
+
+    def flush(self) -> str:
+        out = self.text[self.emitted:]
+        self.emitted = len(self.text)
+        return out

@@ -1,0 +1,38 @@
+"""Shared fixtures: one tiny MiniGPT-4 bundle per test session, and its torch modules."""
+from __future__ import annotations
+
+import pytest
+
+TINY_GROUPS = 1  # layers per group: the tiny preset's two layers become two stitched files
+
+
+@pytest.fixture(scope="session")
+def tiny_opts():
+    from exporters.minigpt4 import ExportOptions
+
+    return ExportOptions(preset="tiny", layers_per_group=TINY_GROUPS)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_opts):
+    from exporters import minigpt4
+    from exporters.export import write_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "minigpt4-tiny"
+    write_bundle(minigpt4.plan(tiny_opts), out, echo=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_modules(tiny_opts):
+    """The same seeded weights as the bundle, rebuilt independently."""
+    from exporters.minigpt4 import build_modules
+
+    return build_modules(tiny_opts)
+
+
+@pytest.fixture(scope="session")
+def sample_image():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent / "examples" / "sample.png"
