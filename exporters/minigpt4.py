@@ -80,6 +80,8 @@ class ExportOptions:
     cache_gears: tuple[int, ...] | None = None
     layers_per_group: int | None = None
     seed: int = 0
+    vision: EvaVitConfig | None = None  # checkpoint sizes the shapes cannot tell (heads); default: real
+    qformer: QFormerConfig | None = None
 
 
 @dataclass
@@ -120,7 +122,8 @@ def build_modules(opts: ExportOptions) -> MiniGPT4Modules:
     else:
         from .minigpt4_load import load_modules
 
-        mods = load_modules(Path(opts.checkpoint), opts.dtype, max(cache) + max(seq), per_group)
+        mods = load_modules(Path(opts.checkpoint), opts.dtype, max(cache) + max(seq), per_group,
+                            opts.vision, opts.qformer)
     for m in [mods.vision, mods.bridge, mods.embed, *mods.groups]:
         m.eval().to(getattr(torch, opts.dtype))
     return mods

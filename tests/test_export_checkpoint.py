@@ -1,0 +1,62 @@
+"""`--checkpoint`: a tiny checkpoint folder in MiniGPT-4's real formats exports to a bundle
+whose graphs compute what the original modules compute."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_minigpt4_checkpoints import EVA, QF, _modules, _write_dir
+
+from exporters import minigpt4
+from exporters.checkpoints import CheckpointError
+from exporters.export import write_bundle
+from exporters.tiny_tokenizer import build_tiny_tokenizer
+from runtime.bundle import Bundle
+from runtime.backends import open_session
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_checkpoint_folder_exports_the_same_numbers(tmp_path, fmt):
+    mods = _modules()
+    ckpt = _write_dir(tmp_path / "ckpt", mods, fmt)
+    (ckpt / "vicuna" / "tokenizer.model").write_bytes(build_tiny_tokenizer())
+    opts = minigpt4.ExportOptions(preset=None, checkpoint=ckpt, seq_gears=(1, 8), cache_gears=(16, 32),
+                                  layers_per_group=2, vision=EVA, qformer=QF)
+    plan = minigpt4.plan(opts)
+    assert plan.provenance["source"]["ignored_keys"], "ignored keys are listed, not silent"
+    bundle = Bundle.open(write_bundle(plan, tmp_path / "bundle", echo=lambda s: None).root)
+    assert bundle.manifest["pipeline"]["decoder_graphs"] == ["decoder_0", "decoder_1"]
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 3, EVA.image_size, EVA.image_size, generator=g)
+    with torch.no_grad():
+        want = mods["proj"](mods["qformer"](mods["vision"](image)))
+    x = image.numpy()
+    for name in ("vision", "bridge"):
+        s = open_session("ort", bundle, name)
+        x = s.run({s.inputs[0].name: x})[s.outputs[0].name]
+    np.testing.assert_allclose(x, want.numpy(), atol=2e-3, rtol=1e-3)  # fp16-stored weights, fp32 math
+
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2, 4, 8]])
+    with torch.no_grad():
+        emb = mods["embed"].half().float()(ids)
+        lm = mods["lm"].half().float()
+        logits, _ = lm(emb, torch.arange(8)[None], torch.zeros(1, 0), torch.zeros(4, 2, 1, 2, 0, 8))
+    hidden = open_session("ort", bundle, "embed").run({"input_ids": ids.numpy()})["inputs_embeds"]
+    np.testing.assert_allclose(hidden, emb.numpy(), atol=1e-6)
+    feeds = {"position_ids": np.arange(8)[None], "attention_mask": np.zeros((1, 16), np.float32)}
+    for name in ("decoder_0", "decoder_1"):
+        out = open_session("ort", bundle, name).run(
+            {"hidden_states": hidden, "past_kv": np.zeros((2, 2, 1, 2, 16, 8), np.float32), **feeds})
+        hidden = out.get("hidden_states_out")
+    np.testing.assert_allclose(out["logits"], logits.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_bad_checkpoint_leaves_no_bundle(tmp_path):
+    mods = _modules()
+    ckpt = _write_dir(tmp_path / "ckpt", mods)
+    (ckpt / "eva_vit_g.pth").write_bytes((ckpt / "blip2_pretrained_flant5xxl.pth").read_bytes())
+    opts = minigpt4.ExportOptions(preset=None, checkpoint=ckpt, vision=EVA, qformer=QF)
+    with pytest.raises(CheckpointError, match="eva_vit_g.pth"):
+        write_bundle(minigpt4.plan(opts), tmp_path / "bundle", echo=lambda s: None)
+    assert not (tmp_path / "bundle").exists()
