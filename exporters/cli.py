@@ -35,8 +35,8 @@ def main():
 @click.option("--checkpoint", type=click.Path(path_type=Path),
               help="Folder with the original checkpoint files (see README for the layout).")
 @click.option("--preset", default=None, help="Random-weight preset when no --checkpoint: tiny (default) or bench.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="Weight and activation dtype of the exported graphs.")
+@click.option("--dtype", type=click.Choice(["float32"]), default="float32", show_default=True,
+              help="Weight and activation dtype of the exported graphs (float16 export is not in this release).")
 @click.option("--seq-gears", callback=_ints, help="Prompt-chunk lengths compiled, e.g. 1,32,128,512.")
 @click.option("--cache-gears", callback=_ints, help="KV-cache capacities compiled, e.g. 256,512,1024,2048.")
 @click.option("--layers-per-group", type=click.IntRange(min=1), help="Decoder layers per ONNX file.")
@@ -58,7 +58,13 @@ def export(model, out, checkpoint, preset, dtype, seq_gears, cache_gears, layers
         click.echo(f"building {model} subgraphs ({'checkpoint ' + str(checkpoint) if checkpoint else 'preset ' + opts.preset}) ...")
         from exporters.export import write_bundle
 
-        write_bundle(recipe.plan(opts), out, echo=click.echo, simplify=not no_simplify)
+        plan = recipe.plan(opts)
+        ignored = plan.provenance.get("source", {}).get("ignored_keys", [])
+        if ignored:
+            click.echo(f"ignoring {len(ignored)} checkpoint keys the model never uses:")
+            for line in ignored:
+                click.echo(f"  {line}")
+        write_bundle(plan, out, echo=click.echo, simplify=not no_simplify)
     except Vlm2omError as e:
         _fail(e)
 

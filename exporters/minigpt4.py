@@ -159,7 +159,7 @@ def image_subgraphs(m: MiniGPT4Modules, dtype: str) -> list[Subgraph]:
 def plan(opts: ExportOptions) -> ExportPlan:
     if opts.dtype != "float32":
         raise InputError(f"--dtype {opts.dtype}: this release exports float32 bundles only")
-    seq, cache, _ = gear_options(opts)
+    seq, cache, per_group = gear_options(opts)
     m = build_modules(opts)
     subgraphs = [*image_subgraphs(m, opts.dtype), embed_subgraph(m.embed, m.llama, list(seq), opts.dtype),
                  *[group_subgraph(i, g, list(seq), list(cache), opts.dtype) for i, g in enumerate(m.groups)]]
@@ -182,4 +182,4 @@ def plan(opts: ExportOptions) -> ExportPlan:
                           "preset": opts.preset if opts.checkpoint is None else None,
                           "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
                           "dtype": opts.dtype, "seq_gears": list(seq), "cache_gears": list(cache),
-                          "layers_per_group": gear_options(opts)[2], "seed": opts.seed}})
+                          "layers_per_group": per_group, "seed": opts.seed}})

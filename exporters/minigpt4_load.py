@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from graphs.eva_vit import EvaVisionEncoder, EvaVitConfig
-from graphs.llama import LlamaDecoderGroup, LlamaEmbedding, rope_table
+from graphs.llama import LlamaDecoderGroup, LlamaEmbedding
 from graphs.projector import Bridge, LinearProjector, LinearProjectorConfig
 from graphs.qformer import QFormer, QFormerConfig
 
@@ -48,7 +48,7 @@ def load_modules(checkpoint: Path, dtype: str, rope_length: int, per_group: int,
     for a, b in group_bounds(llama.layers, per_group):
         g = _assign(lambda: LlamaDecoderGroup(llama, a, b, rope_length),
                     w.decoder_group_state(files, llama, a, b, td))
-        g.rope_cos, g.rope_sin = rope_table(llama.head_dim, rope_length, llama.rope_theta)
+        g.init_buffers(rope_length)
         groups.append(g)
     return MiniGPT4Modules(vision_m, bridge, embed, groups, llama, files.tokenizer_model.read_bytes(),
                            vcfg.image_size, {"checkpoint": str(checkpoint), "ignored_keys": ignored})

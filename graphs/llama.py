@@ -27,7 +27,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import attention, merge_heads, split_heads
 
 
 @dataclass(frozen=True)
@@ -67,9 +66,14 @@ def rope_table(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, 
     return emb.cos(), emb.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+def rotate_half_matrix(head_dim: int) -> torch.Tensor:
+    """R with ``x @ R == cat(-x2, x1)`` (transformers' rotate_half): one exact MatMul in the
+    graph instead of two Slices, a Neg and a Concat per use."""
+    half = head_dim // 2
+    r = torch.zeros(head_dim, head_dim)
+    r[torch.arange(half) + half, torch.arange(half)] = -1.0
+    r[torch.arange(half), torch.arange(half) + half] = 1.0
+    return r
 
 
 class LlamaAttention(nn.Module):
@@ -82,22 +86,34 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden, cfg.kv_heads * d, bias=False)
         self.o_proj = nn.Linear(cfg.heads * d, cfg.hidden, bias=False)
 
-    def forward(self, x, cos, sin, bias, past_k, past_v):
-        """x [B,S,H]; cos/sin [B,1,S,D]; bias [B,1,S,C+S]; past [B,KVH,C,D] -> out, k, v."""
+    def forward(self, x, rope, bias_past, bias_new, past_k, past_v, dims):
+        """x [B,S,H]; rope = (cos, sin [B,1,S,D], R [D,D]); bias_past [B,1,1,C];
+        bias_new [B,1,S,S]; past [B,KVH,C,D]; dims = (B, S, C) -> out [B,S,H], new k, v [B,KVH,S,D].
+
+        ``dims`` come from the group's inputs, so every reshape in every layer uses the same
+        shape values and the exported graph computes them once instead of per tensor."""
         cfg = self.cfg
-        q = split_heads(self.q_proj(x), cfg.heads)
-        k = split_heads(self.k_proj(x), cfg.kv_heads)
-        v = split_heads(self.v_proj(x), cfg.kv_heads)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        keys = torch.cat([past_k, k], dim=2)
-        values = torch.cat([past_v, v], dim=2)
-        if cfg.kv_heads != cfg.heads:  # grouped-query attention
-            rep = cfg.heads // cfg.kv_heads
-            keys = keys.repeat_interleave(rep, dim=1)
-            values = values.repeat_interleave(rep, dim=1)
-        out = attention(q, keys, values, cfg.head_dim ** -0.5, bias)
-        return self.o_proj(merge_heads(out)), k, v
+        b, s, c = dims
+        h, g, d = cfg.heads, cfg.kv_heads, cfg.head_dim
+        cos, sin, rot = rope
+        q = self.q_proj(x).reshape(b, s, h, d).transpose(1, 2)
+        k = self.k_proj(x).reshape(b, s, g, d).transpose(1, 2)
+        v = self.v_proj(x).reshape(b, s, g, d).transpose(1, 2)
+        q = q * cos + torch.matmul(q, rot) * sin
+        k = k * cos + torch.matmul(k, rot) * sin
+        # Scores against the cache and against the new keys are computed apart, so the cache is
+        # never concatenated (copied) per step; grouped-query heads are folded into the query
+        # rows instead of repeating the cache.
+        rows = (h // g) * s
+        qg = q.reshape(b, g, rows, d)
+        scale = d ** -0.5
+        past = torch.matmul(qg, past_k.transpose(-1, -2)).reshape(b, h, s, c).float() * scale + bias_past
+        new = torch.matmul(qg, k.transpose(-1, -2)).reshape(b, h, s, s).float() * scale + bias_new
+        probs = torch.softmax(torch.cat([past, new], dim=-1), dim=-1).to(v.dtype)
+        p_past, p_new = probs.split([c, s], dim=-1)
+        out = (torch.matmul(p_past.reshape(b, g, rows, c), past_v)
+               + torch.matmul(p_new.reshape(b, g, rows, s), v)).reshape(b, h, s, d)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, h * d)), k, v
 
 
 class LlamaMLP(nn.Module):
@@ -119,8 +135,8 @@ class LlamaLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x, cos, sin, bias, past_k, past_v):
-        h, k, v = self.self_attn(self.input_layernorm(x), cos, sin, bias, past_k, past_v)
+    def forward(self, x, rope, bias_past, bias_new, past_k, past_v, dims):
+        h, k, v = self.self_attn(self.input_layernorm(x), rope, bias_past, bias_new, past_k, past_v, dims)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
@@ -149,24 +165,29 @@ class LlamaDecoderGroup(nn.Module):
         if self.is_last:
             self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
             self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
-        cos, sin = rope_table(cfg.head_dim, rope_length or cfg.max_positions, cfg.rope_theta)
+        self.init_buffers(rope_length or cfg.max_positions)
+
+    def init_buffers(self, rope_length: int) -> None:
+        """(Re)create the constant tables; a loader that built the group on the meta device calls it."""
+        cos, sin = rope_table(self.cfg.head_dim, rope_length, self.cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_rot", rotate_half_matrix(self.cfg.head_dim), persistent=False)
 
     def forward(self, hidden_states, position_ids, attention_mask, past_kv):
         dtype = hidden_states.dtype
         cos = self.rope_cos[position_ids].unsqueeze(1).to(dtype)  # [B, 1, S, D]
         sin = self.rope_sin[position_ids].unsqueeze(1).to(dtype)
-        # Additive bias [B, 1, S, C + S], kept in fp32: valid cache slots, then causal by position.
-        neg = torch.finfo(torch.float32).min
-        past_ok = attention_mask[:, None, None, :] > 0.5
-        new_ok = (position_ids[:, None, :] <= position_ids[:, :, None]).unsqueeze(1)
-        past_ok = past_ok.expand(-1, -1, new_ok.shape[2], -1)
-        ok = torch.cat([past_ok, new_ok], dim=-1)
-        bias = torch.where(ok, torch.zeros((), dtype=torch.float32), torch.full((), neg))
+        # Additive biases, fp32: valid cache slots [B,1,1,C]; new tokens causal by position [B,1,S,S].
+        zero, neg = torch.zeros((), dtype=torch.float32), torch.full((), torch.finfo(torch.float32).min)
+        bias_past = torch.where(attention_mask[:, None, None, :] > 0.5, zero, neg)
+        bias_new = torch.where((position_ids[:, None, :] <= position_ids[:, :, None]).unsqueeze(1), zero, neg)
+        rope = (cos, sin, self.rope_rot.to(dtype))
+        dims = (hidden_states.shape[0], hidden_states.shape[1], attention_mask.shape[1])
+        past = past_kv.flatten(0, 1).unbind(0)  # one Split of the cache, not two slices per layer
         x, present = hidden_states, []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, bias, past_kv[i, 0], past_kv[i, 1])
+            x, k, v = layer(x, rope, bias_past, bias_new, past[2 * i], past[2 * i + 1], dims)
             present.append(torch.stack([k, v]))
         if self.is_last:
             x = self.lm_head(self.norm(x))

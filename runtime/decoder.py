@@ -1,13 +1,13 @@
 """Embedding and decoder-group sessions stitched into a KV-cache decoder.
 
 Every call is padded to a declared gear: the embed graph on ``seq``, each decoder group on
-(``seq``, ``cache``). A prompt longer than the largest ``seq`` gear is prefilled in chunks.
+(``seq``, ``cache``). A prompt is prefilled in the chunks that waste the least padded work.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .gears import dim_values, select_gear
+from .gears import dim_values, plan_chunks, select_gear
 from .kv_cache import KVCache
 
 
@@ -31,9 +31,9 @@ class Decoder:
 
     def embed(self, ids: list[int]) -> np.ndarray:
         """Token ids -> embeddings [n, H], in chunks padded to the embed graph's seq gears."""
-        out, largest = [], dim_values(self.embed_gears, "seq")[-1]
-        for start in range(0, len(ids), largest):
-            chunk = ids[start:start + largest]
+        out, start = [], 0
+        for size in plan_chunks(len(ids), dim_values(self.embed_gears, "seq")):
+            chunk, start = ids[start:start + size], start + size
             gear = select_gear(self.embed_name, self.embed_gears, at_least={"seq": len(chunk)})
             feed = np.zeros((1, gear["seq"]), np.int64)
             feed[0, :len(chunk)] = chunk
@@ -45,11 +45,9 @@ class Decoder:
         """Append ``embeds`` [n, H] to the cache; return the logits of the last one [V]."""
         n = len(embeds)
         cache.reserve(cache.length + n)
-        seq_gears = dim_values(self.dec_gears, "seq", {"cache": cache.capacity})
-        logits = None
-        for start in range(0, n, seq_gears[-1]):
-            chunk = embeds[start:start + seq_gears[-1]]
-            logits = self._step(chunk, cache)
+        logits, start = None, 0
+        for size in plan_chunks(n, dim_values(self.dec_gears, "seq", {"cache": cache.capacity})):
+            logits, start = self._step(embeds[start:start + size], cache), start + size
         return logits
 
     def _step(self, chunk: np.ndarray, cache: KVCache) -> np.ndarray:

@@ -20,3 +20,17 @@ def dim_values(gears: list[dict[str, int]], dim: str, where: dict[str, int] | No
     """Sorted distinct values of ``dim`` among the gears matching ``where``."""
     where = where or {}
     return sorted({g[dim] for g in gears if all(g[k] == v for k, v in where.items())})
+
+
+def plan_chunks(n: int, sizes: list[int], call_cost: int = 8) -> list[int]:
+    """Split ``n`` tokens into chunks, each padded to one of ``sizes``, minimising padded tokens
+    processed plus ``call_cost`` per call (a call re-reads all weights). Largest chunks first."""
+    best, pick = [0] * (n + 1), [0] * (n + 1)
+    for m in range(1, n + 1):
+        best[m], neg = min((g + call_cost + best[max(0, m - g)], -g) for g in sizes)  # ties: fewer calls
+        pick[m] = -neg
+    chunks = []
+    while n > 0:
+        chunks.append(min(pick[n], n))
+        n -= chunks[-1]
+    return sorted(chunks, reverse=True)

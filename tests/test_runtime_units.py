@@ -91,6 +91,17 @@ def test_gear_selection():
         select_gear("g", gears, exact={"cache": 512}, at_least={"seq": 1})
 
 
+def test_chunk_plan_minimises_padded_work():
+    from runtime.gears import plan_chunks
+
+    assert plan_chunks(118, [1, 16, 64, 256]) == [64, 54]  # not one 256 chunk
+    assert plan_chunks(1, [1, 16, 64]) == [1]
+    assert plan_chunks(300, [1, 16, 64, 256]) == [256, 44]
+    for n in range(1, 200):
+        chunks = plan_chunks(n, [1, 16, 64])
+        assert sum(chunks) == n and all(c <= 64 for c in chunks)
+
+
 def test_kv_cache_grows_once_and_keeps_contents():
     c = KVCache([2, 1], kv_heads=2, head_dim=4, dtype="float32", capacity_gears=[4, 8])
     rng = np.random.default_rng(0)

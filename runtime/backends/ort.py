@@ -20,6 +20,8 @@ class OrtSession:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
+        # Several sessions share the cores; spinning idle pools would steal them from the next graph.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         path = bundle.path(entry["file"])
         try:
             self._sess = ort.InferenceSession(str(path), opts, providers=list(providers))
