@@ -40,18 +40,14 @@ class ExportPlan:
 
 
 def tool_versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
+    from importlib.metadata import PackageNotFoundError, version
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-    try:
-        from importlib.metadata import version
-
-        versions["vlm2om"] = version("vlm2om")
-        versions["onnxsim"] = version("onnxsim")
-    except Exception:  # not installed as a distribution (running from a source tree)
-        pass
+    versions = {"python": platform.python_version()}
+    for dist in ("vlm2om", "torch", "onnx", "onnxruntime", "onnxsim"):
+        try:
+            versions[dist] = version(dist)
+        except PackageNotFoundError:  # e.g. vlm2om run from a source tree
+            pass
     return versions
 
 
