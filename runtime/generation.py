@@ -99,9 +99,10 @@ class StopText:
         self.stopped = False
 
     def push(self, piece: str) -> str:
+        start = len(self.text)
         self.text += piece
-        for s in self.stops:
-            at = self.text.find(s)
+        for s in self.stops:  # only where the new piece could complete a stop string
+            at = self.text.find(s, max(0, start - len(s) + 1))
             if at >= 0:
                 self.text, self.stopped = self.text[:at], True
         hold = 0 if self.stopped else self._partial_tail()
