@@ -11,12 +11,13 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vlm2om-installed
 
-.PHONY: help setup export test bench clean
+.PHONY: help setup export test bench bench-7b clean
 
 help:
 	@echo "make export MODEL=minigpt4 [CHECKPOINT=dir]   export a bundle to $(OUT) and answer one prompt"
 	@echo "make test                                      run the test suite"
 	@echo "make bench                                     decode benchmark vs transformers (same weights)"
+	@echo "make bench-7b                                  full-size export: wall time and peak memory (~32 GB disk)"
 
 setup: $(STAMP)
 
@@ -40,6 +41,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_decode.py
+
+bench-7b: $(STAMP)
+	$(BIN)/python benchmarks/bench_export_7b.py
 
 clean:
 	rm -rf build .pytest_cache

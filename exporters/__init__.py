@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-RECIPES = {"minigpt4": "exporters.minigpt4"}
+RECIPES = {"minigpt4": "exporters.minigpt4", "llava15": "exporters.llava"}
 
 
 def get_recipe(name: str):

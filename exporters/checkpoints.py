@@ -318,21 +318,9 @@ class MappingTable:
             sample = ", ".join(sorted(available)[:5])
             problems.insert(0, f"{source.name}: none of the expected keys is present; is this "
                                f"the right file? (it holds {len(available)} keys such as {sample})")
-        used = set(found.values())
-        ignored, unmapped = [], []
         # A partial load (one decoder group) neither judges nor reports the other keys.
-        for key in source.keys() if check_unmapped else ():
-            if key in used:
-                continue
-            why = next((ig.why for ig in self.ignore if ig.matches(key)), None)
-            if why is not None:
-                ignored.append((key, why))
-            else:
-                unmapped.append(key)
-        for key in unmapped:
-            problems.append(f"unmapped key in {source.name}: '{key}' {_shape(source.shape(key))} "
-                            "is neither used nor on the ignore list")
-        return Plan(source, pairs, ignored, problems)
+        ignored, unmapped = _account(source, set(found.values()), self.ignore) if check_unmapped else ([], [])
+        return Plan(source, pairs, ignored, problems + unmapped)
 
     def apply(self, source: TensorSource, expected: Mapping[str, torch.Size],
               layers: Mapping[str, Iterable[int] | Mapping[int, int]] | None = None,
@@ -340,6 +328,27 @@ class MappingTable:
               what: str = "weights") -> LoadReport:
         """Our state dict from ``source``; CheckpointError lists all problems at once."""
         return load_plans([self.plan(source, expected, layers, check_unmapped)], dtype, what)
+
+
+def _account(source: TensorSource, used: set[str], ignore: Sequence[Ignore]):
+    """(ignored (key, why), problems) for the keys of ``source`` outside ``used``."""
+    ignored, problems = [], []
+    for key in (k for k in source.keys() if k not in used):
+        why = next((ig.why for ig in ignore if ig.matches(key)), None)
+        if why is not None:
+            ignored.append((key, why))
+        else:
+            problems.append(f"unmapped key in {source.name}: '{key}' {_shape(source.shape(key))} "
+                            "is neither used nor on the ignore list")
+    return ignored, problems
+
+
+def coverage_plan(source: TensorSource, plans: Sequence[Plan], ignore: Sequence[Ignore]) -> Plan:
+    """Every key of ``source`` that none of ``plans`` (made with check_unmapped=False) reads must
+    be on ``ignore``: for one file or folder that several tables share (LLaVA's checkpoint holds
+    the LLM, the projector and perhaps the vision tower)."""
+    ignored, problems = _account(source, {k for p in plans for k in p.pairs.values()}, ignore)
+    return Plan(source, {}, ignored, problems)
 
 
 def _in_read_order(source: TensorSource, pairs: Mapping[str, str]) -> list[tuple[str, str]]:
@@ -350,16 +359,21 @@ def _in_read_order(source: TensorSource, pairs: Mapping[str, str]) -> list[tuple
     return sorted(pairs.items(), key=lambda item: rank[item[1]])
 
 
+def check_plans(plans: Sequence[Plan], what: str = "weights") -> None:
+    """Raise one CheckpointError listing every problem of every plan (reads no tensor)."""
+    problems = [p for plan in plans for p in plan.problems]
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise CheckpointError(f"cannot load {what}: {len(problems)} problem(s):\n{lines}")
+
+
 def load_plans(plans: Sequence[Plan], dtype: torch.dtype | None = None,
                what: str = "weights") -> LoadReport:
     """Raise if any plan has problems; else read exactly the planned tensors.
 
     Floating tensors are cast to ``dtype`` when given; integer buffers keep their type.
     """
-    problems = [p for plan in plans for p in plan.problems]
-    if problems:
-        lines = "\n".join(f"  - {p}" for p in problems)
-        raise CheckpointError(f"cannot load {what}: {len(problems)} problem(s):\n{lines}")
+    check_plans(plans, what)
     state: dict[str, torch.Tensor] = {}
     report = LoadReport(state)
     for plan in plans:

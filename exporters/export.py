@@ -6,6 +6,7 @@ behind and never damages the bundle that was there before.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -23,6 +24,8 @@ from runtime.bundle import MANIFEST, SCHEMA_VERSION, Bundle, sha256_file
 from runtime.errors import InputError
 
 from . import atc
+from .export_extras import ExportExtras, apply_batch_gears, current_extras, verification_entry
+from .golden import GoldenWriter
 from .onnx_export import OPSET, export_onnx
 from .subgraph import Subgraph
 from .verify import judge, raise_on_failures
@@ -83,22 +86,41 @@ def staging_dir(out: Path):
         raise
 
 
-def verify_graph(sg: Subgraph, path: Path, dtype: str) -> list:
+def peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def torch_outputs(sg: Subgraph, module: torch.nn.Module) -> list[tuple[dict, dict, tuple]]:
+    """(gear, feeds, torch outputs) at each verification gear, computed before the module is freed."""
+    cases = []
+    for gear in sg.verify_gears():
+        feeds = sg.make_inputs(gear, torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            out = module(*[feeds[d.name] for d in sg.inputs])
+        out = out if isinstance(out, tuple) else (out,)
+        cases.append((gear, {k: v.numpy() for k, v in feeds.items()}, tuple(o.float().numpy() for o in out)))
+    return cases
+
+
+def verify_graph(sg: Subgraph, path: Path, cases: list, dtype: str) -> list:
+    """onnxruntime on the written file against the torch outputs, gear by gear."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # Pre-packed MatMul weights would be a second copy of the graph's weights; an export runs
+    # each graph a few times only, so memory matters more than the speed packing buys.
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    opts.enable_cpu_mem_arena = False
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     rows = []
-    for gear in sg.verify_gears():
-        feeds = sg.make_inputs(gear, torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            expected = sg.module(*[feeds[d.name] for d in sg.inputs])
-        expected = expected if isinstance(expected, tuple) else (expected,)
-        actual = sess.run([d.name for d in sg.outputs], {k: v.numpy() for k, v in feeds.items()})
+    for gear, feeds, expected in cases:
+        actual = sess.run([d.name for d in sg.outputs], feeds)
         for decl, a, e in zip(sg.outputs, actual, expected):
             shown = {k: v for k, v in gear.items() if k in sg.dynamic_dims}
-            rows.append(judge(sg.name, decl.name, shown, a, e.float().numpy().astype(a.dtype), dtype))
+            rows.append(judge(sg.name, decl.name, shown, a, e.astype(a.dtype), dtype))
     return rows
 
 
@@ -114,23 +136,57 @@ def graph_entry(sg: Subgraph, files: list[Path], rows: list) -> dict:
     }
 
 
+def _lint(folder: Path, graphs: dict, echo, keep_going: bool) -> dict[str, list[str]]:
+    """ATC lint of the written graphs: errors stop the export unless ``keep_going``; the fp16
+    findings become the --keep_dtype plan recorded for ``vlm2om compile``."""
+    from .lint import errors, format_table, keep_dtype_plan, lint_bundle_files
+
+    findings = lint_bundle_files(folder, graphs)
+    bad = errors(findings)
+    echo("ATC lint:\n" + format_table(findings, show_info=False))
+    if bad and not keep_going:
+        raise LintFailed(f"{len(bad)} ATC lint error(s); the bundle was not written "
+                         "(--keep-going writes it anyway):\n" + format_table(bad))
+    return keep_dtype_plan(findings)
+
+
+class LintFailed(InputError):
+    pass
+
+
 def write_bundle(plan: ExportPlan, out: Path, echo: Callable[[str], None] = print,
-                 simplify: bool = True) -> Bundle:
+                 simplify: bool = True, keep_going: bool = False, extras: ExportExtras | None = None) -> Bundle:
+    extras = extras or current_extras()  # --golden, --batch-gears
+    apply_batch_gears(plan, extras.batch_gears)
     t0, n = time.perf_counter(), len(plan.subgraphs)
     graphs: dict[str, dict] = {}
     with staging_dir(Path(out)) as tmp:
+        golden = GoldenWriter(tmp) if extras.golden else None
         for i, sg in enumerate(plan.subgraphs, 1):
-            echo(f"[{i}/{n}] {sg.name}: exporting to ONNX (opset {OPSET}) ...")
-            files = export_onnx(sg, tmp, simplify=simplify)
-            rows = verify_graph(sg, files[0], plan.dtype)
+            t1 = time.perf_counter()
+            echo(f"[{i}/{n}] {sg.name}: loading weights ...")
+            module = sg.build()
+            echo(f"[{i}/{n}] {sg.name}: exporting to ONNX (opset {OPSET}, {plan.dtype}) ...")
+            files = export_onnx(sg, module, tmp, simplify=simplify)
+            cases = torch_outputs(sg, module)
+            del module  # one graph's weights in memory: torch's copy goes before onnxruntime's
+            gc.collect()
+            rows = verify_graph(sg, files[0], cases, plan.dtype)
             echo("\n".join(r.row() for r in rows))
             raise_on_failures(rows, plan.dtype)
+            if golden:
+                golden.add(sg.name, [d.name for d in sg.inputs], [d.name for d in sg.outputs], cases,
+                           sg.dynamic_dims)
             graphs[sg.name] = graph_entry(sg, files, rows)
-            sg.module = None  # free the weights of a graph once written and verified
+            size = sum(f.stat().st_size for f in files) / 2**20
+            echo(f"[{i}/{n}] {sg.name}: {size:.1f} MiB verified in {time.perf_counter() - t1:.1f}s "
+                 f"(peak memory so far {peak_rss_gib():.2f} GiB)")
+        keep_dtype = _lint(tmp, graphs, echo, keep_going)
+        golden_entry = golden.close() if golden else None
         for name, content in plan.assets.items():
             (tmp / name).write_bytes(content)
-        commands = {name: atc.render(atc.atc_args(name, g)) for name, g in graphs.items()}
-        (tmp / "compile_om.sh").write_text(atc.compile_script(graphs))
+        commands = {name: atc.render(args) for name, args in atc.graph_commands(graphs, keep_dtype=keep_dtype).items()}
+        (tmp / "compile_om.sh").write_text(atc.compile_script(graphs, keep_dtype=keep_dtype))
         (tmp / "compile_om.sh").chmod(0o755)
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -139,9 +195,10 @@ def write_bundle(plan: ExportPlan, out: Path, echo: Callable[[str], None] = prin
             "dtype": plan.dtype,
             "provenance": {**plan.provenance, "opset": OPSET, "tools": tool_versions(),
                            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-            "files": files, "graphs": graphs, **plan.manifest,
+            "files": files, "graphs": graphs, "verification": verification_entry(plan.dtype, golden_entry),
+            **plan.manifest,
             "atc": {"commands": commands, "default_soc": atc.DEFAULT_SOC,
-                    "precision_mode": atc.DEFAULT_PRECISION, "om": {}},
+                    "precision_mode": atc.DEFAULT_PRECISION, "keep_dtype": keep_dtype, "om": {}},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default))
     echo(f"bundle written to {out} in {time.perf_counter() - t0:.1f}s")

@@ -5,10 +5,12 @@ Shared by every recipe whose LLM is a Llama (MiniGPT-4's Vicuna, LLaVA's Vicuna 
 from __future__ import annotations
 
 import itertools
+from typing import Callable
 
 import torch
+from torch import nn
 
-from graphs.llama import LlamaConfig, LlamaDecoderGroup, LlamaEmbedding
+from graphs.llama import LlamaConfig
 
 from .subgraph import Subgraph, TensorDecl
 
@@ -25,21 +27,23 @@ def decoder_gears(seq_gears: list[int], cache_gears: list[int], batch: int = 1) 
     return gears
 
 
-def embed_subgraph(module: LlamaEmbedding, cfg: LlamaConfig, seq_gears: list[int], dtype: str) -> Subgraph:
+def embed_subgraph(build: Callable[[], nn.Module], cfg: LlamaConfig, seq_gears: list[int],
+                   dtype: str) -> Subgraph:
     def make(gear, gen):
         return {"input_ids": torch.randint(0, cfg.vocab_size, (gear["batch"], gear["seq"]), generator=gen)}
 
     return Subgraph(
-        "embed", module,
+        "embed", build,
         [TensorDecl("input_ids", "int64", ("batch", "seq"))],
         [TensorDecl("inputs_embeds", dtype, ("batch", "seq", cfg.hidden))],
         make, [{"batch": 1, "seq": s} for s in seq_gears])
 
 
-def group_subgraph(index: int, module: LlamaDecoderGroup, seq_gears: list[int], cache_gears: list[int],
-                   dtype: str) -> Subgraph:
-    cfg = module.cfg
-    n, kvh, d = module.stop - module.start, cfg.kv_heads, cfg.head_dim
+def group_subgraph(index: int, build: Callable[[], nn.Module], cfg: LlamaConfig, bounds: tuple[int, int],
+                   seq_gears: list[int], cache_gears: list[int], dtype: str) -> Subgraph:
+    """Layers ``bounds`` = [start, stop) of ``cfg``; ``build`` makes that LlamaDecoderGroup."""
+    start, stop = bounds
+    n, kvh, d = stop - start, cfg.kv_heads, cfg.head_dim
     tdtype = getattr(torch, dtype)
 
     def make(gear, gen):
@@ -54,24 +58,24 @@ def group_subgraph(index: int, module: LlamaDecoderGroup, seq_gears: list[int], 
             "past_kv": torch.randn(n, 2, b, kvh, c, d, generator=gen).to(tdtype),
         }
 
-    out = TensorDecl("logits", dtype, ("batch", "seq", cfg.vocab_size)) if module.is_last else \
+    out = TensorDecl("logits", dtype, ("batch", "seq", cfg.vocab_size)) if stop == cfg.layers else \
         TensorDecl("hidden_states_out", dtype, ("batch", "seq", cfg.hidden))
     return Subgraph(
-        f"decoder_{index}", module,
+        f"decoder_{index}", build,
         [TensorDecl("hidden_states", dtype, ("batch", "seq", cfg.hidden)),
          TensorDecl("position_ids", "int64", ("batch", "seq")),
          TensorDecl("attention_mask", "float32", ("batch", "cache")),
          TensorDecl("past_kv", dtype, (n, 2, "batch", kvh, "cache", d))],
         [out, TensorDecl("present_kv", dtype, (n, 2, "batch", kvh, "seq", d))],
-        make, decoder_gears(seq_gears, cache_gears), extra={"layers": [module.start, module.stop]})
+        make, decoder_gears(seq_gears, cache_gears), extra={"layers": [start, stop]})
 
 
-def llm_manifest(cfg: LlamaConfig, groups: list[LlamaDecoderGroup], cache_gears: list[int], dtype: str) -> dict:
+def llm_manifest(cfg: LlamaConfig, bounds: list[tuple[int, int]], cache_gears: list[int], dtype: str) -> dict:
     """The manifest's ``kv_cache`` entry (see docs/bundle.md)."""
     return {
         "layout": "[layers, 2 (key, value), batch, kv_heads, capacity, head_dim]",
         "keys": "after rotary embedding", "returns": "new tokens only",
         "input": "past_kv", "output": "present_kv", "mask": "attention_mask",
         "dtype": dtype, "num_layers": cfg.layers, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
-        "group_layers": [g.stop - g.start for g in groups], "capacity_gears": sorted(cache_gears),
+        "group_layers": [b - a for a, b in bounds], "capacity_gears": sorted(cache_gears),
     }

@@ -1,27 +1,35 @@
 """MiniGPT-4 (Vicuna v0 7B) recipe.
 
-Subgraphs: ``vision`` EVA-ViT-g + ln_vision [1,3,224,224] -> [1,257,1408]; ``bridge``
-Q-Former + llama_proj -> [1,32,4096]; ``embed``; ``decoder_*`` Llama layer groups.
+Subgraphs: ``vision`` EVA-ViT-g + ln_vision [1,3,224,224] -> [1,257,1408] (for a checkpoint
+``vision_0``, ``vision_1``: the 39 blocks in two graphs, chained); ``bridge`` Q-Former +
+llama_proj -> [1,32,4096]; ``embed``; ``decoder_*`` Llama layer groups.
 Prompt, preprocessing and generation defaults follow MiniGPT-4's demo for vicuna0
 (``CONV_VISION_Vicuna0``, ``Blip2ImageEvalProcessor``, ``Chat.answer``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import nn
 
-from graphs.common import init_random_
+from graphs.common import cast_module, init_random_
 from graphs.eva_vit import EvaVisionEncoder, EvaVitConfig
 from graphs.llama import LlamaConfig, LlamaDecoderGroup, LlamaEmbedding
 from graphs.projector import Bridge, LinearProjector, LinearProjectorConfig
 from graphs.qformer import QFormer, QFormerConfig
+
 from runtime.errors import InputError
 
 from .export import ExportPlan
-from .llm import embed_subgraph, group_bounds, group_subgraph, llm_manifest
+from .llm import group_bounds
+from .recipe import (CLIP_MEAN, CLIP_STD, Gears, LlmParts, RecipeOptions, assemble, check_preset,
+                     image_graph, random_llm, resolve_gears)
 from .subgraph import Subgraph, TensorDecl
+from .tiny_tokenizer import VOCAB_SIZE as TINY_VOCAB
 from .tiny_tokenizer import build_tiny_tokenizer
 
 FAMILY = "minigpt4"
@@ -35,8 +43,6 @@ PROMPT = {
 }
 GENERATION = {"max_new_tokens": 300, "do_sample": True, "temperature": 1.0, "top_p": 0.9,
               "repetition_penalty": 1.05}
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def preprocess_steps(size: int) -> list[dict]:
@@ -50,9 +56,7 @@ class Preset:
     vision: EvaVitConfig
     qformer: QFormerConfig
     llama: LlamaConfig  # vocab_size 0: take the tokenizer's
-    seq_gears: tuple[int, ...]
-    cache_gears: tuple[int, ...]
-    layers_per_group: int
+    gears: Gears
     std: float = 0.02
 
 
@@ -62,31 +66,49 @@ PRESETS = {
     # Same architecture at toy width; seeded random weights; runs end to end in seconds.
     "tiny": Preset(_TINY_VISION, _TINY_QFORMER,
                    LlamaConfig(vocab_size=0, hidden=64, layers=2, heads=4, kv_heads=4, ffn=128),
-                   seq_gears=(1, 16, 64), cache_gears=(128, 256), layers_per_group=1),
+                   Gears(seq=(1, 16, 64), cache=(128, 256), layers_per_group=1)),
     # ~134M-parameter decoder (Llama-7B shape at 768 wide, 12 layers) for the decode benchmark.
     "bench": Preset(_TINY_VISION, _TINY_QFORMER,
                     LlamaConfig(vocab_size=32000, hidden=768, layers=12, heads=12, kv_heads=12, ffn=2048),
-                    seq_gears=(1, 16, 64, 256), cache_gears=(256, 512), layers_per_group=12),
+                    Gears(seq=(1, 16, 64, 256), cache=(256, 512), layers_per_group=12)),
 }
-REAL_GEARS = {"seq_gears": (1, 32, 128, 512), "cache_gears": (256, 512, 1024, 2048), "layers_per_group": 4}
+# Two decoder layers per file and EVA in two graphs: onnxruntime's CPU kernels verify fp16 weights
+# through an fp32 copy, so an export's peak memory is about twice its largest graph (~0.9 GB fp16).
+REAL_GEARS = Gears(seq=(1, 32, 128, 512), cache=(256, 512, 1024, 2048), layers_per_group=2)
+REAL_VISION_GRAPHS = 2
 
 
 @dataclass(frozen=True)
-class ExportOptions:
-    preset: str | None = "tiny"
-    checkpoint: Path | None = None
-    dtype: str = "float32"
-    seq_gears: tuple[int, ...] | None = None
-    cache_gears: tuple[int, ...] | None = None
-    layers_per_group: int | None = None
-    seed: int = 0
+class ExportOptions(RecipeOptions):
     vision: EvaVitConfig | None = None  # checkpoint sizes the shapes cannot tell (heads); default: real
     qformer: QFormerConfig | None = None
+    vision_graphs: int | None = None  # EVA blocks split over this many graphs; default 1 (preset), 2 (checkpoint)
+
+    def vision_bounds(self, depth: int) -> list[tuple[int, int]]:
+        n = self.vision_graphs or (REAL_VISION_GRAPHS if self.checkpoint is not None else 1)
+        if not 1 <= n <= depth:
+            raise InputError(f"--vision-graphs {n}: EVA has {depth} blocks")
+        return group_bounds(depth, -(-depth // n))
+
+
+@dataclass
+class MiniGPT4Parts:
+    """What is known before any weight is read; each ``build_*`` makes one graph's module
+    (reading only its weights) so an export holds one graph's weights at a time."""
+
+    vision_cfg: EvaVitConfig
+    qformer_cfg: QFormerConfig
+    llm: LlmParts
+    tokenizer: bytes
+    source: dict
+    vision_bounds: list[tuple[int, int]]  # EVA block slices, one graph each
+    build_vision: Callable[[int], nn.Module]  # slice index -> module
+    build_bridge: Callable[[], nn.Module]
 
 
 @dataclass
 class MiniGPT4Modules:
-    vision: EvaVisionEncoder
+    vision: nn.Module  # EvaVisionEncoder, or the slices chained in an nn.Sequential
     bridge: Bridge
     embed: LlamaEmbedding
     groups: list[LlamaDecoderGroup]
@@ -96,90 +118,86 @@ class MiniGPT4Modules:
     source: dict = field(default_factory=dict)
 
 
-def _random_modules(name: str, opts: ExportOptions, seq, cache, per_group) -> MiniGPT4Modules:
+def _random_parts(name: str, opts: ExportOptions, gears: Gears) -> MiniGPT4Parts:
     p = PRESETS[name]
-    tok = build_tiny_tokenizer()
-    llama = p.llama if p.llama.vocab_size else replace(p.llama, vocab_size=512)
+    llama = p.llama if p.llama.vocab_size else replace(p.llama, vocab_size=TINY_VOCAB)
     proj = LinearProjectorConfig(p.qformer.hidden, llama.hidden)
-    s = opts.seed
-    vision = init_random_(EvaVisionEncoder(p.vision), s + 1, p.std)
-    bridge = Bridge(init_random_(QFormer(p.qformer), s + 2, p.std), init_random_(LinearProjector(proj), s + 3, 0.5))
-    embed = init_random_(LlamaEmbedding(llama), s + 4, 1.0)
-    rope = max(cache) + max(seq)
-    groups = [init_random_(LlamaDecoderGroup(llama, a, b, rope), s + 10 + a, 0.1)
-              for a, b in group_bounds(llama.layers, per_group)]
-    return MiniGPT4Modules(vision, bridge, embed, groups, llama, tok, p.vision.image_size,
-                           {"preset": name, "seed": s})
+    s, dtype = opts.seed, opts.export_dtype
+    td = getattr(torch, dtype)
+
+    def bridge():
+        q = init_random_(QFormer(p.qformer), s + 2, p.std)
+        return cast_module(Bridge(q, init_random_(LinearProjector(proj), s + 3, 0.5)), td)
+
+    bounds = opts.vision_bounds(p.vision.depth)
+
+    def vision(i: int):
+        """Slices of one seeded encoder, so the weights do not depend on the split."""
+        whole = init_random_(EvaVisionEncoder(p.vision), s + 1, p.std)
+        return cast_module(slice_encoder(whole, *bounds[i]), td)
+
+    return MiniGPT4Parts(
+        p.vision, p.qformer, random_llm(llama, gears, s, dtype), build_tiny_tokenizer(),
+        {"preset": name, "seed": s}, bounds, vision, bridge)
+
+
+def slice_encoder(whole: EvaVisionEncoder, start: int, stop: int) -> EvaVisionEncoder:
+    """Blocks [start, stop) of ``whole`` (plus its stem or ln_vision where the slice has them)."""
+    if (start, stop) == (0, whole.cfg.depth):
+        return whole
+    part = EvaVisionEncoder(whole.cfg, (start, stop))
+    full = whole.state_dict()
+    part.load_state_dict({k: full[f"blocks.{int(k.split('.')[1]) + start}.{k.split('.', 2)[2]}"]
+                          if k.startswith("blocks.") else full[k] for k in part.state_dict()})
+    return part
+
+
+def gear_options(opts: ExportOptions) -> Gears:
+    return resolve_gears(opts, {k: p.gears for k, p in PRESETS.items()}, REAL_GEARS)
+
+
+def build_parts(opts: ExportOptions) -> MiniGPT4Parts:
+    """Seeded random weights for a preset, or a checkpoint folder checked key by key up front."""
+    gears = gear_options(opts)
+    check_preset(opts, PRESETS)
+    if opts.checkpoint is None:
+        return _random_parts(opts.preset, opts, gears)
+    from .minigpt4_load import load_parts
+
+    return load_parts(Path(opts.checkpoint), opts.export_dtype, gears, opts.vision, opts.qformer,
+                      opts.vision_graphs)
 
 
 def build_modules(opts: ExportOptions) -> MiniGPT4Modules:
-    """Torch modules with real or seeded random weights, plus the tokenizer bytes."""
-    seq, cache, per_group = gear_options(opts)
-    if opts.checkpoint is None:
-        if opts.preset not in PRESETS:
-            raise InputError(f"unknown preset '{opts.preset}' (available: {', '.join(PRESETS)})")
-        mods = _random_modules(opts.preset, opts, seq, cache, per_group)
-    else:
-        from .minigpt4_load import load_modules
-
-        mods = load_modules(Path(opts.checkpoint), opts.dtype, max(cache) + max(seq), per_group,
-                            opts.vision, opts.qformer)
-    for m in [mods.vision, mods.bridge, mods.embed, *mods.groups]:
-        m.eval().to(getattr(torch, opts.dtype))
-    return mods
+    """Every module at once (the torch reference and tests; an export builds them one by one)."""
+    parts = build_parts(opts)
+    llm = parts.llm
+    slices = [parts.build_vision(i) for i in range(len(parts.vision_bounds))]
+    vision = slices[0] if len(slices) == 1 else nn.Sequential(*slices)
+    return MiniGPT4Modules(vision, parts.build_bridge(), llm.build_embed(),
+                           [llm.build_group(i) for i in range(len(llm.bounds))], llm.llama,
+                           parts.tokenizer, parts.vision_cfg.image_size, parts.source)
 
 
-def gear_options(opts: ExportOptions):
-    base = PRESETS[opts.preset] if opts.checkpoint is None and opts.preset in PRESETS else None
-    seq = opts.seq_gears or (base.seq_gears if base else REAL_GEARS["seq_gears"])
-    cache = opts.cache_gears or (base.cache_gears if base else REAL_GEARS["cache_gears"])
-    per_group = opts.layers_per_group or (base.layers_per_group if base else REAL_GEARS["layers_per_group"])
-    seq, cache = tuple(sorted(set(seq))), tuple(sorted(set(cache)))
-    if min(seq) < 1 or min(cache) < 1:
-        raise InputError(f"gears must be positive: seq {seq}, cache {cache}")
-    if 1 not in seq:
-        raise InputError(f"--seq-gears must include 1 for decoding, got {seq}")
-    return seq, cache, per_group
-
-
-def image_subgraphs(m: MiniGPT4Modules, dtype: str) -> list[Subgraph]:
-    v, q = m.vision.cfg, m.bridge.encoder.cfg
-    tdtype = getattr(torch, dtype)
-    vision = Subgraph(
-        "vision", m.vision, [TensorDecl("pixel_values", dtype, (1, 3, v.image_size, v.image_size))],
-        [TensorDecl("image_embeds", dtype, (1, v.num_tokens, v.width))],
-        lambda g, gen: {"pixel_values": torch.randn(1, 3, v.image_size, v.image_size, generator=gen).to(tdtype)})
-    bridge = Subgraph(
-        "bridge", m.bridge, [TensorDecl("image_embeds", dtype, (1, v.num_tokens, v.width))],
-        [TensorDecl("image_tokens", dtype, (1, q.num_query, m.llama.hidden))],
-        lambda g, gen: {"image_embeds": torch.randn(1, v.num_tokens, v.width, generator=gen).to(tdtype)})
-    return [vision, bridge]
+def image_subgraphs(parts: MiniGPT4Parts, dtype: str) -> list[Subgraph]:
+    v, q, n = parts.vision_cfg, parts.qformer_cfg, len(parts.vision_bounds)
+    embeds = TensorDecl("image_embeds", dtype, (1, v.num_tokens, v.width))
+    tokens = TensorDecl("vision_tokens", dtype, (1, v.num_tokens, v.width))  # between EVA slices
+    chain = [TensorDecl("pixel_values", dtype, (1, 3, v.image_size, v.image_size)), *[tokens] * (n - 1), embeds]
+    vision = [image_graph("vision" if n == 1 else f"vision_{i}", partial(parts.build_vision, i), chain[i],
+                          chain[i + 1]) for i in range(n)]
+    return [*vision,
+            image_graph("bridge", parts.build_bridge, embeds,
+                        TensorDecl("image_tokens", dtype, (1, q.num_query, parts.llm.llama.hidden)))]
 
 
 def plan(opts: ExportOptions) -> ExportPlan:
-    if opts.dtype != "float32":
-        raise InputError(f"--dtype {opts.dtype}: this release exports float32 bundles only")
-    seq, cache, per_group = gear_options(opts)
-    m = build_modules(opts)
-    subgraphs = [*image_subgraphs(m, opts.dtype), embed_subgraph(m.embed, m.llama, list(seq), opts.dtype),
-                 *[group_subgraph(i, g, list(seq), list(cache), opts.dtype) for i, g in enumerate(m.groups)]]
-    manifest = {
-        "pipeline": {"image_graphs": ["vision", "bridge"], "embed_graph": "embed",
-                     "decoder_graphs": [s.name for s in subgraphs[3:]],
-                     "image_tokens": m.bridge.encoder.cfg.num_query, "hidden_size": m.llama.hidden,
-                     "embeds_dtype": opts.dtype},
-        "kv_cache": llm_manifest(m.llama, m.groups, list(cache), opts.dtype),
-        "model": {"llama": vars(m.llama), "vision": vars(m.vision.cfg), "qformer": vars(m.bridge.encoder.cfg)},
-        "tokenizer": {"kind": "sentencepiece", "file": "tokenizer.model", "bos_id": 1, "eos_id": 2,
-                      "eos_ids": [2]},
-        "special_tokens": {"bos": "<s>", "eos": "</s>", "unk": "<unk>"},
-        "prompt": PROMPT, "generation": GENERATION,
-        "preprocess": {"processor": "Blip2ImageEvalProcessor", "steps": preprocess_steps(m.image_size)},
-    }
-    variant = m.source.get("preset") or "vicuna0-7b"
-    return ExportPlan(FAMILY, variant, opts.dtype, subgraphs, {"tokenizer.model": m.tokenizer}, manifest,
-                      provenance={"source": m.source, "options": {
-                          "preset": opts.preset if opts.checkpoint is None else None,
-                          "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
-                          "dtype": opts.dtype, "seq_gears": list(seq), "cache_gears": list(cache),
-                          "layers_per_group": per_group, "seed": opts.seed}})
+    gears = gear_options(opts)
+    parts = build_parts(opts)
+    model = {"llama": vars(parts.llm.llama), "vision": vars(parts.vision_cfg), "qformer": vars(parts.qformer_cfg)}
+    described = {"prompt": PROMPT, "generation": GENERATION,
+                 "preprocess": {"processor": "Blip2ImageEvalProcessor",
+                                "steps": preprocess_steps(parts.vision_cfg.image_size)}}
+    return assemble(FAMILY, parts.source.get("preset") or "vicuna0-7b", opts, gears, parts.llm,
+                    image_subgraphs(parts, opts.export_dtype), parts.qformer_cfg.num_query, parts.tokenizer,
+                    parts.source, model, described)

@@ -1,7 +1,8 @@
-"""Build MiniGPT-4's torch modules from a real checkpoint folder (layout: minigpt4_weights).
+"""MiniGPT-4's graphs from a real checkpoint folder (layout: minigpt4_weights).
 
-Modules are created on the meta device and the checkpoint tensors are assigned to them, so
-no random initialisation is allocated next to the real weights.
+Every key and shape of every file is checked before any export work starts, so a bad
+folder fails in seconds, not after an hour of exporting. Each module is then built on the
+meta device and handed its checkpoint tensors only when the export reaches its graph.
 """
 from __future__ import annotations
 
@@ -9,46 +10,46 @@ from pathlib import Path
 
 import torch
 
+from graphs.common import cast_module
 from graphs.eva_vit import EvaVisionEncoder, EvaVitConfig
-from graphs.llama import LlamaDecoderGroup, LlamaEmbedding
 from graphs.projector import Bridge, LinearProjector, LinearProjectorConfig
 from graphs.qformer import QFormer, QFormerConfig
 
+from . import llama_weights as lw
 from . import minigpt4_weights as w
-from .llm import group_bounds
+from .checkpoints import check_plans
+from .recipe import Gears, assign, checkpoint_llm
 
 
-def _assign(build, report):
-    with torch.device("meta"):
-        module = build()
-    module.load_state_dict(report.state, strict=True, assign=True)
-    return module
-
-
-def load_modules(checkpoint: Path, dtype: str, rope_length: int, per_group: int,
-                 vision: EvaVitConfig | None = None, qformer: QFormerConfig | None = None):
-    from .minigpt4 import MiniGPT4Modules
+def load_parts(checkpoint: Path, dtype: str, gears: Gears, vision: EvaVitConfig | None = None,
+               qformer: QFormerConfig | None = None, vision_graphs: int | None = None):
+    from .minigpt4 import ExportOptions, MiniGPT4Parts
 
     files = w.find_files(checkpoint)
-    llama = w.read_llama_config(files.llm_dir)
+    llama = lw.read_llama_config(files.llm_dir)
     vcfg = vision or EvaVitConfig()
     qcfg = qformer or QFormerConfig(encoder_width=vcfg.width)
     pcfg = LinearProjectorConfig(qcfg.hidden, llama.hidden)
     td = getattr(torch, dtype)
+    plans = [*w.vision_plans(files, vcfg), *w.qformer_plans(files, qcfg), *w.projector_plans(files, pcfg)]
+    check_plans(plans, "the MiniGPT-4 image side")
     ignored = w.check_llm_keys(files, llama).ignored_lines()
-    reports = {"vision": w.vision_state(files, vcfg, td), "qformer": w.qformer_state(files, qcfg, td),
-               "projector": w.projector_state(files, pcfg, td), "embed": w.embed_state(files, llama, td)}
-    for r in reports.values():
-        ignored += r.ignored_lines()
-    vision_m = _assign(lambda: EvaVisionEncoder(vcfg), reports["vision"])
-    bridge = Bridge(_assign(lambda: QFormer(qcfg), reports["qformer"]),
-                    _assign(lambda: LinearProjector(pcfg), reports["projector"]))
-    embed = _assign(lambda: LlamaEmbedding(llama), reports["embed"])
-    groups = []
-    for a, b in group_bounds(llama.layers, per_group):
-        g = _assign(lambda: LlamaDecoderGroup(llama, a, b, rope_length),
-                    w.decoder_group_state(files, llama, a, b, td))
-        g.init_buffers(rope_length)
-        groups.append(g)
-    return MiniGPT4Modules(vision_m, bridge, embed, groups, llama, files.tokenizer_model.read_bytes(),
-                           vcfg.image_size, {"checkpoint": str(checkpoint), "ignored_keys": ignored})
+    ignored += [f"{p.source.name}: {k} ({why})" for p in plans for k, why in p.ignored]
+    del plans  # drop the file handles; each build reopens only what it reads
+
+    # The image side is read at the checkpoint's own dtype: its LayerNorms stay fp32 (cast_module).
+    bounds = ExportOptions(checkpoint=checkpoint, vision_graphs=vision_graphs).vision_bounds(vcfg.depth)
+
+    def build_vision(i: int):
+        blocks = bounds[i]
+        return cast_module(assign(lambda: EvaVisionEncoder(vcfg, blocks),
+                                  w.vision_state(files, vcfg, blocks=blocks).state), td)
+
+    def build_bridge():
+        q = assign(lambda: QFormer(qcfg), w.qformer_state(files, qcfg).state)
+        return cast_module(Bridge(q, assign(lambda: LinearProjector(pcfg), w.projector_state(files, pcfg).state)), td)
+
+    llm = checkpoint_llm(files.llm_dir, llama, lw.vicuna_keys(files.llm_dir), gears, dtype)
+    return MiniGPT4Parts(vcfg, qcfg, llm, files.tokenizer_model.read_bytes(),
+                         {"checkpoint": str(checkpoint), "ignored_keys": ignored}, bounds, build_vision,
+                         build_bridge)

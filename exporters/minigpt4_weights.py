@@ -23,20 +23,21 @@ Key names and shapes: shared/reference/model-architectures.md section 1.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from graphs.eva_vit import EvaVisionEncoder, EvaVitConfig
-from graphs.llama import LlamaConfig, LlamaDecoderGroup, LlamaEmbedding
+from graphs.llama import LlamaConfig
 from graphs.projector import LinearProjector, LinearProjectorConfig
 from graphs.qformer import QFormer, QFormerConfig
 
-from .checkpoints import (HF_WEIGHT_FILES, CheckpointError, Ignore, LoadReport, MappingTable,
-                          DictSource, expected_shapes, load_plans, open_hf_folder)
+from . import llama_weights as lw
+from .checkpoints import (HF_WEIGHT_FILES, CheckpointError, DictSource, Ignore, LoadReport,
+                          MappingTable, Plan, expected_shapes, load_plans)
 
+read_llama_config = lw.read_llama_config  # public here since the first recipe
 EVA_FILE = "eva_vit_g.pth"
 BLIP2_FILE = "blip2_pretrained_flant5xxl.pth"
 MINIGPT4_FILES = ("pretrained_minigpt4_7b.pth", "prerained_minigpt4_7b.pth")
@@ -82,45 +83,6 @@ def find_files(checkpoint_dir: str | Path, need_tokenizer: bool = True) -> MiniG
     return MiniGPT4Files(eva, blip2, minigpt4, llm)
 
 
-def _llm_json(llm_dir: Path) -> dict:
-    path = Path(llm_dir) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot read LLM config ({err})") from None
-
-
-def read_llama_config(llm_dir: str | Path) -> LlamaConfig:
-    """Our LlamaConfig from HF config.json; refuses what our decoder graph does not compute."""
-    path = Path(llm_dir) / "config.json"
-    raw = _llm_json(Path(llm_dir))
-    archs = [str(a).lower() for a in raw.get("architectures") or []]
-    if raw.get("model_type") != "llama" and "llamaforcausallm" not in archs:
-        raise CheckpointError(f"{path}: not a Llama model (model_type={raw.get('model_type')!r}, "
-                              f"architectures={raw.get('architectures')})")
-    if raw.get("rope_scaling"):
-        raise CheckpointError(f"{path}: rope_scaling={raw['rope_scaling']} is not supported")
-    if raw.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{path}: hidden_act={raw['hidden_act']!r}, our Llama uses silu")
-    for flag in ("attention_bias", "mlp_bias"):
-        if raw.get(flag):
-            raise CheckpointError(f"{path}: {flag}=true is not supported")
-    need = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-            "intermediate_size")
-    absent = [k for k in need if k not in raw]
-    if absent:
-        raise CheckpointError(f"{path}: missing field(s) {', '.join(absent)}")
-    heads = int(raw["num_attention_heads"])
-    # Defaults are transformers' LlamaConfig defaults (LLaMA-1 configs omit some fields).
-    return LlamaConfig(vocab_size=int(raw["vocab_size"]), hidden=int(raw["hidden_size"]),
-                       layers=int(raw["num_hidden_layers"]), heads=heads,
-                       kv_heads=int(raw.get("num_key_value_heads") or heads),
-                       ffn=int(raw["intermediate_size"]),
-                       rms_eps=float(raw.get("rms_norm_eps", 1e-6)),
-                       rope_theta=float(raw.get("rope_theta", 10000.0)),
-                       max_positions=int(raw.get("max_position_embeddings", 2048)))
-
-
 # --- vision: eva_vit_g.pth (bare state dict) + ln_vision from the BLIP-2 file ----------------
 
 # LAVIS VisionTransformer names (reference 1.1); our EvaVisionEncoder reuses them verbatim.
@@ -163,17 +125,32 @@ def _meta(build):
         return build()
 
 
-def vision_state(files: MiniGPT4Files, cfg: EvaVitConfig,
-                 dtype: torch.dtype | None = None) -> LoadReport:
-    """State for ``EvaVisionEncoder(cfg)``: the ViT from eva_vit_g.pth, ln_vision from BLIP-2."""
+def vision_plans(files: MiniGPT4Files, cfg: EvaVitConfig) -> list[Plan]:
+    """The ViT from eva_vit_g.pth, ln_vision from BLIP-2 (nothing read yet)."""
     want = expected_shapes(_meta(lambda: EvaVisionEncoder(cfg)))
     ln = {k: v for k, v in want.items() if k.startswith("ln_vision.")}
     trunk = {k: v for k, v in want.items() if k not in ln}
     blocks = {"i": range(cfg.depth)}
-    plans = [eva_table(cfg.depth).plan(DictSource(files.eva), trunk, blocks),
-             # Only ln_vision is taken here; qformer_state accounts for the rest of the file.
-             LN_VISION.plan(DictSource(files.blip2, "model"), ln, check_unmapped=False)]
-    return load_plans(plans, dtype, "MiniGPT-4 vision encoder")
+    return [eva_table(cfg.depth).plan(DictSource(files.eva), trunk, blocks),
+            # Only ln_vision is taken here; qformer_plans accounts for the rest of the file.
+            LN_VISION.plan(DictSource(files.blip2, "model"), ln, check_unmapped=False)]
+
+
+def vision_state(files: MiniGPT4Files, cfg: EvaVitConfig, dtype: torch.dtype | None = None,
+                 blocks: tuple[int, int] | None = None) -> LoadReport:
+    """State for ``EvaVisionEncoder(cfg, blocks)``: a slice reads only its own blocks (its keys
+    are not judged against the rest of the file; ``vision_plans`` checked the whole file)."""
+    if blocks is None or tuple(blocks) == (0, cfg.depth):
+        return load_plans(vision_plans(files, cfg), dtype, "MiniGPT-4 vision encoder")
+    start, stop = blocks
+    want = expected_shapes(_meta(lambda: EvaVisionEncoder(cfg, blocks)))
+    ln = {k: v for k, v in want.items() if k.startswith("ln_vision.")}
+    trunk = {k: v for k, v in want.items() if k not in ln}
+    plans = [eva_table(cfg.depth).plan(DictSource(files.eva), trunk,
+                                       {"i": {j: start + j for j in range(stop - start)}}, check_unmapped=False)]
+    if ln:
+        plans.append(LN_VISION.plan(DictSource(files.blip2, "model"), ln, check_unmapped=False))
+    return load_plans(plans, dtype, f"MiniGPT-4 vision blocks [{start}, {stop})")
 
 
 # --- Q-Former: blip2_pretrained_flant5xxl.pth ['model'] -------------------------------------
@@ -211,12 +188,16 @@ QFORMER_IGNORE = (
 QFORMER_TABLE = MappingTable(QFORMER_ENTRIES, QFORMER_IGNORE)
 
 
+def qformer_plans(files: MiniGPT4Files, cfg: QFormerConfig) -> list[Plan]:
+    """Every key of the BLIP-2 file other than the Q-Former's must be on the ignore list."""
+    want = expected_shapes(_meta(lambda: QFormer(cfg)))
+    return [QFORMER_TABLE.plan(DictSource(files.blip2, "model"), want, {"i": range(cfg.layers)})]
+
+
 def qformer_state(files: MiniGPT4Files, cfg: QFormerConfig,
                   dtype: torch.dtype | None = None) -> LoadReport:
-    """State for ``QFormer(cfg)``; every other key of the BLIP-2 file must be on the ignore list."""
-    want = expected_shapes(_meta(lambda: QFormer(cfg)))
-    return QFORMER_TABLE.apply(DictSource(files.blip2, "model"), want, {"i": range(cfg.layers)},
-                               dtype, what="MiniGPT-4 Q-Former")
+    """State for ``QFormer(cfg)``."""
+    return load_plans(qformer_plans(files, cfg), dtype, "MiniGPT-4 Q-Former")
 
 
 # --- projector: pretrained_minigpt4_7b.pth ['model'] ----------------------------------------
@@ -230,71 +211,31 @@ PROJECTOR_TABLE = MappingTable(
             "RoPE buffer saved by the runner; recomputed from rope_theta")))
 
 
+def projector_plans(files: MiniGPT4Files, cfg: LinearProjectorConfig) -> list[Plan]:
+    want = expected_shapes(_meta(lambda: LinearProjector(cfg)))
+    return [PROJECTOR_TABLE.plan(DictSource(files.minigpt4, "model"), want)]
+
+
 def projector_state(files: MiniGPT4Files, cfg: LinearProjectorConfig,
                     dtype: torch.dtype | None = None) -> LoadReport:
     """State for ``LinearProjector(cfg)`` from MiniGPT-4's stage-2 checkpoint."""
-    want = expected_shapes(_meta(lambda: LinearProjector(cfg)))
-    return PROJECTOR_TABLE.apply(DictSource(files.minigpt4, "model"), want, dtype=dtype,
-                                 what="MiniGPT-4 llama_proj")
+    return load_plans(projector_plans(files, cfg), dtype, "MiniGPT-4 llama_proj")
 
 
-# --- LLM: Hugging Face Vicuna folder -------------------------------------------------------
-
-EMBED_TABLE = MappingTable((("embed_tokens.weight", "model.embed_tokens.weight"),))
-_LLAMA_LAYER = ("input_layernorm.weight", "post_attention_layernorm.weight",
-                "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-                "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
-LLM_IGNORE = (Ignore(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
-                     "RoPE buffer in old Vicuna .bin files; recomputed from rope_theta"),)
-# HF LlamaForCausalLM names; our group's layers.j is HF layer start + j (placeholder map).
-DECODER_TABLE = MappingTable(
-    tuple((f"layers.{{i}}.{s}", f"model.layers.{{i}}.{s}") for s in _LLAMA_LAYER)
-    + (("norm.weight", "model.norm.weight"),   # only in the last group
-       ("lm_head.weight", "lm_head.weight")),  # [vocab, hidden]
-    LLM_IGNORE)
-# tie_word_embeddings=true checkpoints store no lm_head; it is the embedding matrix.
-_TIED_HEAD = MappingTable((("lm_head.weight", "model.embed_tokens.weight"),))
-
-
-def _decoder_table(files: MiniGPT4Files) -> MappingTable:
-    if _llm_json(files.llm_dir).get("tie_word_embeddings"):
-        entries = tuple(e for e in DECODER_TABLE.entries if e[0] != "lm_head.weight")
-        return MappingTable(entries, DECODER_TABLE.ignore) + _TIED_HEAD
-    return DECODER_TABLE
-
+# --- LLM: Hugging Face Vicuna folder (llama_weights; Vicuna's keys are model.* + lm_head) ------
 
 def embed_state(files: MiniGPT4Files, cfg: LlamaConfig,
                 dtype: torch.dtype | None = None) -> LoadReport:
     """State for ``LlamaEmbedding(cfg)``; reads only the embedding matrix."""
-    want = expected_shapes(_meta(lambda: LlamaEmbedding(cfg)))
-    return EMBED_TABLE.apply(open_hf_folder(files.llm_dir), want, dtype=dtype,
-                             check_unmapped=False, what="Vicuna embed_tokens")
+    return lw.embed_state(files.llm_dir, cfg, dtype, lw.vicuna_keys(files.llm_dir))
 
 
 def decoder_group_state(files: MiniGPT4Files, cfg: LlamaConfig, start: int, stop: int,
                         dtype: torch.dtype | None = None) -> LoadReport:
-    """State for ``LlamaDecoderGroup(cfg, start, stop)``, reading only that group's tensors.
-
-    Keys of other groups are not judged here; ``check_llm_keys`` checks the whole folder.
-    """
-    want = expected_shapes(_meta(lambda: LlamaDecoderGroup(cfg, start, stop, rope_length=1)))
-    layers = {"i": {j: start + j for j in range(stop - start)}}
-    return _decoder_table(files).apply(open_hf_folder(files.llm_dir), want, layers, dtype,
-                                       check_unmapped=False,
-                                       what=f"Vicuna layers [{start}, {stop})")
+    """State for ``LlamaDecoderGroup(cfg, start, stop)``, reading only that group's tensors."""
+    return lw.decoder_group_state(files.llm_dir, cfg, start, stop, dtype, lw.vicuna_keys(files.llm_dir))
 
 
 def check_llm_keys(files: MiniGPT4Files, cfg: LlamaConfig) -> LoadReport:
-    """Check every key and shape of the LLM folder without reading tensor data.
-
-    Raises CheckpointError on missing, mis-shaped or unmapped keys; the returned report's
-    ``state`` is empty and ``ignored`` lists the skipped buffers.
-    """
-    want = expected_shapes(_meta(lambda: LlamaEmbedding(cfg)))
-    want.update(expected_shapes(_meta(lambda: LlamaDecoderGroup(cfg, 0, cfg.layers, 1))))
-    plan = (EMBED_TABLE + _decoder_table(files)).plan(
-        open_hf_folder(files.llm_dir), want, {"i": range(cfg.layers)})
-    if plan.problems:
-        load_plans([plan], what="Vicuna checkpoint")  # raises with every problem
-    return LoadReport({}, [(plan.source.name, k, why) for k, why in plan.ignored])
+    """Every key and shape of the Vicuna folder, without reading tensor data (raises on problems)."""
+    return lw.check_llm_keys(files.llm_dir, cfg, lw.vicuna_keys(files.llm_dir))

@@ -22,10 +22,14 @@ class TensorDecl:
 
 @dataclass
 class Subgraph:
-    """What to export as one ONNX file, and how to make inputs for any of its gears."""
+    """What to export as one ONNX file, and how to make inputs for any of its gears.
+
+    ``build`` makes the module (reading its weights) only when the export reaches this
+    graph, and the export drops it once the graph is written: one graph's weights in memory.
+    """
 
     name: str
-    module: nn.Module
+    build: Callable[[], nn.Module]
     inputs: list[TensorDecl]
     outputs: list[TensorDecl]
     make_inputs: Callable[[dict[str, int], torch.Generator], dict[str, torch.Tensor]]
@@ -56,11 +60,17 @@ class Subgraph:
         return out
 
     def trace_gear(self) -> dict[str, int]:
-        """Trace at the largest gear: no dynamic dim is 1, so none gets specialised away."""
+        """The cheapest gear whose dynamic dims are all distinct and above 1, so the tracer
+        specialises none of them away (a 1 or a coincidence would be baked in); the largest
+        gear if no gear qualifies. Cheap matters: a 7B group is traced on the CPU."""
+        dyn = self.dynamic_dims
+        good = [g for g in self.gears if all(g[d] > 1 for d in dyn) and len({g[d] for d in dyn}) == len(dyn)]
+        if good:
+            return min(good, key=lambda g: (sum(g[d] for d in dyn), tuple(g[d] for d in dyn)))
         return max(self.gears, key=lambda g: tuple(sorted(g.values(), reverse=True)))
 
     def verify_gears(self) -> list[dict[str, int]]:
         """The trace gear and the smallest one, so a shape other than the traced one is run."""
         small = min(self.gears, key=lambda g: tuple(sorted(g.values())))
-        big = self.trace_gear()
-        return [big] if small == big else [big, small]
+        trace = self.trace_gear()
+        return [trace] if small == trace else [trace, small]

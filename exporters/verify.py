@@ -15,6 +15,13 @@ THRESHOLDS = {
     "float32": {"cosine": 0.99999, "rel_euclid": 1e-4},
     "float16": {"cosine": 0.999, "rel_euclid": 1e-2},
 }
+# End to end (`vlm2om verify --reference`): the seeds' precision report asks every generated
+# token's logits to reach cosine 0.9999 against the reference; a greedy token may differ only
+# where the reference's top-2 logits are closer than ``tie_margin`` (a tie either side may break).
+E2E_THRESHOLDS = {
+    "float32": {"logits_cosine": 0.9999, "tie_margin": 1e-3},
+    "float16": {"logits_cosine": 0.999, "tie_margin": 5e-2},
+}
 
 
 class VerificationError(Vlm2omError):
@@ -31,6 +38,11 @@ class Metrics:
     cosine: float
     rel_euclid: float
     passed: bool
+
+    def as_dict(self) -> dict:
+        return {"graph": self.graph, "output": self.output, "gear": self.gear, "max_abs": self.max_abs,
+                "mean_abs": self.mean_abs, "cosine": self.cosine, "rel_euclid": self.rel_euclid,
+                "passed": self.passed}
 
     def row(self) -> str:
         mark = "ok  " if self.passed else "FAIL"
@@ -51,12 +63,13 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> dict[str, float]:
             "cosine": cos, "rel_euclid": rel}
 
 
-def judge(graph: str, output: str, gear: dict, actual, expected, dtype: str) -> Metrics:
+def judge(graph: str, output: str, gear: dict, actual, expected, dtype: str,
+          thresholds: dict | None = None) -> Metrics:
     if actual.shape != expected.shape:
         raise VerificationError(f"graph '{graph}' output '{output}' at gear {gear}: onnxruntime shape "
                                 f"{actual.shape} != torch shape {expected.shape}")
     m = compare(actual, expected)
-    t = THRESHOLDS[dtype]
+    t = thresholds or THRESHOLDS[dtype]
     ok = m["cosine"] >= t["cosine"] and m["rel_euclid"] <= t["rel_euclid"] and np.isfinite(actual).all()
     return Metrics(graph, output, gear, passed=bool(ok), **m)
 

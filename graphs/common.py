@@ -24,6 +24,29 @@ def init_random_(module: nn.Module, seed: int, std: float = 0.02) -> nn.Module:
     return module
 
 
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in fp32 with fp32 parameters whatever the activations' dtype.
+
+    LAVIS keeps BLIP-2's LayerNorms fp32 when it halves the ViT (``convert_weights_to_fp16``
+    touches only Linear/Conv) and runs them in fp32 under autocast; the variance of 1408-wide
+    activations also overflows fp16. In an fp32 graph the casts are no-ops that onnxsim drops.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.layer_norm(x.float(), self.normalized_shape, self.weight.float(),
+                                       self.bias.float(), self.eps)
+        return out.to(x.dtype)
+
+
+def cast_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``module.to(dtype)`` except LayerNorm32 parameters, which stay fp32."""
+    module.to(dtype)
+    for m in module.modules():
+        if isinstance(m, LayerNorm32):
+            m.float()
+    return module.eval()
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
               bias: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v with the softmax in fp32 (fp16 breaks there on ATC)."""

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import attention, merge_heads, split_heads
+from .common import LayerNorm32, attention, merge_heads, split_heads
 
 
 @dataclass(frozen=True)
@@ -76,9 +76,9 @@ class EvaMlp(nn.Module):
 class EvaBlock(nn.Module):
     def __init__(self, cfg: EvaVitConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.norm1 = LayerNorm32(cfg.width, eps=cfg.eps)
         self.attn = EvaAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.norm2 = LayerNorm32(cfg.width, eps=cfg.eps)
         self.mlp = EvaMlp(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,26 +87,38 @@ class EvaBlock(nn.Module):
 
 
 class EvaVisionEncoder(nn.Module):
-    """pixel_values [B, 3, S, S] -> image_embeds [B, 1 + (S/14)^2, width] (after ln_vision)."""
+    """pixel_values [B, 3, S, S] -> image_embeds [B, 1 + (S/14)^2, width] (after ln_vision).
 
-    def __init__(self, cfg: EvaVitConfig = EvaVitConfig()):
+    ``blocks=(start, stop)`` builds only that slice of the ViT, so a large encoder can be
+    exported as a chain of smaller graphs: the slice that starts at 0 takes pixels (patch
+    embedding, CLS, positions), later slices take the previous slice's tokens, and the slice
+    that ends the ViT adds ``ln_vision``. Local block j is the checkpoint's block start + j.
+    """
+
+    def __init__(self, cfg: EvaVitConfig = EvaVitConfig(), blocks: tuple[int, int] | None = None):
         super().__init__()
-        self.cfg = cfg
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.width))
-        self.patch_embed = PatchEmbed(cfg)
-        self.blocks = nn.ModuleList(EvaBlock(cfg) for _ in range(cfg.depth))
-        self.ln_vision = nn.LayerNorm(cfg.width, eps=cfg.ln_vision_eps)
+        start, stop = blocks or (0, cfg.depth)
+        if not 0 <= start < stop <= cfg.depth:
+            raise ValueError(f"EVA block slice [{start}, {stop}) is outside 0..{cfg.depth}")
+        self.cfg, self.start, self.stop = cfg, start, stop
+        if start == 0:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.width))
+            self.patch_embed = PatchEmbed(cfg)
+        self.blocks = nn.ModuleList(EvaBlock(cfg) for _ in range(stop - start))
+        if stop == cfg.depth:
+            self.ln_vision = LayerNorm32(cfg.width, eps=cfg.ln_vision_eps)
 
-    def trunk(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The ViT alone (no ln_vision): what LAVIS' ``visual_encoder`` returns."""
-        x = self.patch_embed(pixel_values)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The ViT slice alone (no ln_vision): what LAVIS' ``visual_encoder`` returns for a whole one."""
+        if self.start == 0:
+            x = self.patch_embed(x)
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         for block in self.blocks:
             x = block(x)
         return x
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.trunk(x)
         # ln_vision runs in fp32 in MiniGPT-4 (a LayerNorm subclass that casts back).
-        x = self.trunk(pixel_values)
-        return self.ln_vision(x.float()).to(x.dtype)
+        return self.ln_vision(x) if self.stop == self.cfg.depth else x

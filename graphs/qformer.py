@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import attention, merge_heads, split_heads
+from .common import LayerNorm32, attention, merge_heads, split_heads
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class DenseLN(nn.Module):
     def __init__(self, d_in: int, d_out: int, eps: float):
         super().__init__()
         self.dense = nn.Linear(d_in, d_out)
-        self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
+        self.LayerNorm = LayerNorm32(d_out, eps=eps)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dense(x) + residual)
@@ -106,7 +106,7 @@ class QFormer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query, cfg.hidden))
-        self.embeddings_LayerNorm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
+        self.embeddings_LayerNorm = LayerNorm32(cfg.hidden, eps=cfg.eps)
         self.layer = nn.ModuleList(QFormerLayer(cfg, i) for i in range(cfg.layers))
 
     def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:

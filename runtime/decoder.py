@@ -1,14 +1,21 @@
 """Embedding and decoder-group sessions stitched into a KV-cache decoder.
 
 Every call is padded to a declared gear: the embed graph on ``seq``, each decoder group on
-(``seq``, ``cache``). A prompt is prefilled in the chunks that waste the least padded work.
+(``seq``, ``cache``), and on ``batch`` too when the bundle was exported with batch gears
+(a single conversation then runs at the batch-1 gear). A prompt is prefilled in the chunks
+that waste the least padded work. ``runtime.batch`` drives the same sessions for several
+sequences at once.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 
 from .gears import dim_values, plan_chunks, select_gear
 from .kv_cache import KVCache
+
+BATCH = "batch"
 
 
 class Decoder:
@@ -24,46 +31,85 @@ class Decoder:
         self.kv = kv
         self.hidden = pipe["hidden_size"]
         self.embed_dtype = np.dtype(pipe["embeds_dtype"])
+        # Called with the next-token logits [V] of every forward (verification taps it).
+        self.on_logits: Callable[[np.ndarray], None] | None = None
 
-    def new_cache(self) -> KVCache:
+    @staticmethod
+    def batch_exact(gears: list[dict] | None, batch: int) -> dict[str, int]:
+        """``{"batch": n}`` where the graph has batch gears, else nothing (batch is fixed at 1)."""
+        return {BATCH: batch} if gears and BATCH in gears[0] else {}
+
+    @property
+    def batch_gears(self) -> list[int]:
+        """Batch sizes the decoder graphs were compiled for ([1] without batch gears)."""
+        both = set(dim_values(self.dec_gears, BATCH)) if self.batch_exact(self.dec_gears, 1) else {1}
+        if self.batch_exact(self.embed_gears, 1):
+            both &= set(dim_values(self.embed_gears, BATCH))
+        return sorted(both)
+
+    def new_cache(self, batch: int = 1) -> KVCache:
         kv = self.kv
-        return KVCache(kv["group_layers"], kv["kv_heads"], kv["head_dim"], kv["dtype"], kv["capacity_gears"])
+        return KVCache(kv["group_layers"], kv["kv_heads"], kv["head_dim"], kv["dtype"], kv["capacity_gears"],
+                       batch=batch)
 
     def embed(self, ids: list[int]) -> np.ndarray:
         """Token ids -> embeddings [n, H], in chunks padded to the embed graph's seq gears."""
-        out, start = [], 0
-        for size in plan_chunks(len(ids), dim_values(self.embed_gears, "seq")):
-            chunk, start = ids[start:start + size], start + size
-            gear = select_gear(self.embed_name, self.embed_gears, at_least={"seq": len(chunk)})
-            feed = np.zeros((1, gear["seq"]), np.int64)
-            feed[0, :len(chunk)] = chunk
-            res = self.embed_sess.run({"input_ids": feed})
-            out.append(res["inputs_embeds"][0, :len(chunk)])
-        return np.concatenate(out) if out else np.zeros((0, self.hidden), self.embed_dtype)
+        return self.embed_rows([ids], 1)[0, :len(ids)] if ids else np.zeros((0, self.hidden), self.embed_dtype)
+
+    def embed_rows(self, rows: list[list[int]], batch: int) -> np.ndarray:
+        """Token ids per row -> embeddings [batch, max len, H] (rows padded with zeros)."""
+        width = max(len(r) for r in rows)
+        out = np.zeros((batch, width, self.hidden), self.embed_dtype)
+        exact = self.batch_exact(self.embed_gears, batch)
+        start = 0
+        for size in plan_chunks(width, dim_values(self.embed_gears, "seq", exact)):
+            gear = select_gear(self.embed_name, self.embed_gears, exact=exact, at_least={"seq": size})
+            feed = np.zeros((batch, gear["seq"]), np.int64)
+            for i, ids in enumerate(rows):
+                chunk = ids[start:start + size]
+                feed[i, :len(chunk)] = chunk
+            out[:, start:start + size] = self.embed_sess.run({"input_ids": feed})["inputs_embeds"][:, :size]
+            start += size
+        return out
 
     def forward(self, embeds: np.ndarray, cache: KVCache) -> np.ndarray:
         """Append ``embeds`` [n, H] to the cache; return the logits of the last one [V]."""
         n = len(embeds)
         cache.reserve(cache.length + n)
         logits, start = None, 0
-        for size in plan_chunks(n, dim_values(self.dec_gears, "seq", {"cache": cache.capacity})):
+        for size in self.chunks(n, cache):
             logits, start = self._step(embeds[start:start + size], cache), start + size
+        if self.on_logits is not None:
+            self.on_logits(logits)
         return logits
+
+    def chunks(self, n: int, cache: KVCache) -> list[int]:
+        """Prefill chunk sizes for ``n`` new positions at the cache's capacity and batch."""
+        where = {"cache": cache.capacity, **self.batch_exact(self.dec_gears, cache.batch)}
+        return plan_chunks(n, dim_values(self.dec_gears, "seq", where))
 
     def _step(self, chunk: np.ndarray, cache: KVCache) -> np.ndarray:
         n = len(chunk)
-        gear = select_gear(self.group_names[0], self.dec_gears, exact={"cache": cache.capacity},
-                           at_least={"seq": n})
-        s = gear["seq"]
+        s = self.gear(cache, n)["seq"]
         hidden = np.zeros((1, s, self.hidden), self.embed_dtype)
         hidden[0, :n] = chunk
         # Padding keeps counting positions, so the in-graph causal mask hides it from real tokens.
         positions = (cache.length + np.arange(s, dtype=np.int64))[None]
+        logits, presents = self.run_groups(hidden, positions, cache)
+        cache.append(presents, n)
+        return logits[0, n - 1].astype(np.float32)
+
+    def gear(self, cache: KVCache, n: int) -> dict[str, int]:
+        """The decoder gear for ``n`` new positions at the cache's capacity and batch."""
+        exact = {"cache": cache.capacity, **self.batch_exact(self.dec_gears, cache.batch)}
+        return select_gear(self.group_names[0], self.dec_gears, exact=exact, at_least={"seq": n})
+
+    def run_groups(self, hidden: np.ndarray, positions: np.ndarray, cache: KVCache):
+        """Chain the groups on gear-shaped feeds; return (logits [B, S, V], present_kv per group)."""
         presents = []
         for sess, buf in zip(self.groups, cache.buffers):
             res = sess.run({"hidden_states": hidden, "position_ids": positions,
                             "attention_mask": cache.mask, "past_kv": buf})
             presents.append(res["present_kv"])
             hidden = res.get("hidden_states_out")
-        cache.append(presents, n)
-        return res["logits"][0, n - 1].astype(np.float32)
+        return res["logits"], presents

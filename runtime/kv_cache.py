@@ -47,13 +47,27 @@ class KVCache:
             new[..., :n, :] = prev[..., :n, :]
         self.mask[:, :n] = old_mask[:, :n]
 
-    def append(self, presents: list[np.ndarray], count: int) -> None:
-        """Write the first ``count`` new positions of each group's ``present_kv``."""
+    def append(self, presents: list[np.ndarray], count: int, valid: np.ndarray | None = None) -> None:
+        """Write the first ``count`` new positions of each group's ``present_kv``; ``valid``
+        [batch, count] marks which of them hold a real token per row (default: all)."""
         start, stop = self.length, self.length + count
         for buf, present in zip(self.buffers, presents):
             buf[..., start:stop, :] = present[..., :count, :]
-        self.mask[:, start:stop] = 1.0
+        self.mask[:, start:stop] = 1.0 if valid is None else valid
         self.length = stop
+
+    def select_rows(self, rows: list[int], batch: int) -> "KVCache":
+        """A cache of ``batch`` rows holding ``rows`` of this one (the rest empty): a batch
+        whose sequences finished moves to a smaller batch gear with one copy."""
+        out = KVCache.__new__(KVCache)
+        out.group_layers, out.shape_tail, out.dtype = self.group_layers, self.shape_tail, self.dtype
+        out.gears, out.batch, out.length = self.gears, batch, self.length
+        out._alloc(self.capacity)
+        n = self.length
+        for new, old in zip(out.buffers, self.buffers):
+            new[:, :, :len(rows), ..., :n, :] = old[:, :, rows, ..., :n, :]
+        out.mask[:len(rows), :n] = self.mask[rows, :n]
+        return out
 
     def truncate(self, length: int) -> None:
         """Forget positions from ``length`` on (the prefix stays valid and is reused)."""

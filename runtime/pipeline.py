@@ -16,7 +16,7 @@ from .decoder import Decoder
 from .errors import InputError
 from .generation import GenerationConfig, Sampler, StopText
 from .preprocess import preprocess
-from .prompts import Conversation, clean_answer, tokenize_segments
+from .prompts import Conversation, clean_answer, tokenize_prompt
 from .tokenizer import SentencePieceTokenizer
 
 
@@ -96,7 +96,7 @@ class Chat:
 
     def _layout(self) -> list:
         pipe = self.pipe
-        segments = tokenize_segments(pipe.tokenizer, self.conv.segments(), pipe.prompt["bos"])
+        segments = tokenize_prompt(pipe.tokenizer, self.conv.segments(), pipe.prompt)
         if len(segments) - 1 != len(self.images):
             raise InputError(f"the prompt has {len(segments) - 1} image placeholders "
                              f"but {len(self.images)} images were given")

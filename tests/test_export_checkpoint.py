@@ -15,27 +15,44 @@ from runtime.bundle import Bundle
 from runtime.backends import open_session
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_checkpoint_folder_exports_the_same_numbers(tmp_path, fmt):
+def _close(got, want, dtype, atol):
+    """fp32: elementwise; fp16: the relative error the fp16 verification threshold allows."""
+    got = np.asarray(got, np.float64)
+    if dtype == "float32":
+        np.testing.assert_allclose(got, want, atol=atol, rtol=1e-3)
+    else:
+        rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert rel < 1e-2, rel
+
+
+# float16 is the default for a checkpoint; float32 is asked for explicitly.
+@pytest.mark.parametrize("fmt,dtype", [("safetensors", None), ("bin", "float32")])
+def test_checkpoint_folder_exports_the_same_numbers(tmp_path, fmt, dtype):
     mods = _modules()
     ckpt = _write_dir(tmp_path / "ckpt", mods, fmt)
     (ckpt / "vicuna" / "tokenizer.model").write_bytes(build_tiny_tokenizer())
     opts = minigpt4.ExportOptions(preset=None, checkpoint=ckpt, seq_gears=(1, 8), cache_gears=(16, 32),
-                                  layers_per_group=2, vision=EVA, qformer=QF)
+                                  layers_per_group=2, vision=EVA, qformer=QF, dtype=dtype)
     plan = minigpt4.plan(opts)
     assert plan.provenance["source"]["ignored_keys"], "ignored keys are listed, not silent"
     bundle = Bundle.open(write_bundle(plan, tmp_path / "bundle", echo=lambda s: None).root)
     assert bundle.manifest["pipeline"]["decoder_graphs"] == ["decoder_0", "decoder_1"]
+    dtype = dtype or "float16"
+    assert bundle.manifest["dtype"] == bundle.manifest["kv_cache"]["dtype"] == dtype
+    npdt = np.dtype(dtype)
 
     g = torch.Generator().manual_seed(0)
     image = torch.randn(1, 3, EVA.image_size, EVA.image_size, generator=g)
     with torch.no_grad():
         want = mods["proj"](mods["qformer"](mods["vision"](image)))
     x = image.numpy()
-    for name in ("vision", "bridge"):
+    # A checkpoint's EVA is exported as two chained graphs (vision_0, vision_1) by default.
+    assert bundle.manifest["pipeline"]["image_graphs"] == ["vision_0", "vision_1", "bridge"]
+    for name in bundle.manifest["pipeline"]["image_graphs"]:
         s = open_session("ort", bundle, name)
-        x = s.run({s.inputs[0].name: x})[s.outputs[0].name]
-    np.testing.assert_allclose(x, want.numpy(), atol=2e-3, rtol=1e-3)  # fp16-stored weights, fp32 math
+        x = s.run({s.inputs[0].name: x.astype(npdt)})[s.outputs[0].name]
+    assert x.dtype == npdt
+    _close(x, want.numpy(), dtype, atol=2e-3)  # fp16-stored weights, fp32 math
 
     ids = torch.tensor([[1, 5, 9, 3, 7, 2, 4, 8]])
     with torch.no_grad():
@@ -43,13 +60,13 @@ def test_checkpoint_folder_exports_the_same_numbers(tmp_path, fmt):
         lm = mods["lm"].half().float()
         logits, _ = lm(emb, torch.arange(8)[None], torch.zeros(1, 0), torch.zeros(4, 2, 1, 2, 0, 8))
     hidden = open_session("ort", bundle, "embed").run({"input_ids": ids.numpy()})["inputs_embeds"]
-    np.testing.assert_allclose(hidden, emb.numpy(), atol=1e-6)
+    np.testing.assert_allclose(hidden, emb.numpy(), atol=1e-6)  # the stored weights are fp16 values
     feeds = {"position_ids": np.arange(8)[None], "attention_mask": np.zeros((1, 16), np.float32)}
     for name in ("decoder_0", "decoder_1"):
         out = open_session("ort", bundle, name).run(
-            {"hidden_states": hidden, "past_kv": np.zeros((2, 2, 1, 2, 16, 8), np.float32), **feeds})
+            {"hidden_states": hidden, "past_kv": np.zeros((2, 2, 1, 2, 16, 8), npdt), **feeds})
         hidden = out.get("hidden_states_out")
-    np.testing.assert_allclose(out["logits"], logits.numpy(), atol=1e-4, rtol=1e-4)
+    _close(out["logits"], logits.numpy(), dtype, atol=1e-4)
 
 
 def test_bad_checkpoint_leaves_no_bundle(tmp_path):

@@ -1,10 +1,24 @@
 """onnxruntime backend: one InferenceSession per graph, fed the same gear shapes as the NPU."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..errors import BundleError
 from .base import TensorSpec, check_feeds
+
+
+def prepack_fits(bundle) -> bool:
+    """onnxruntime pre-packs MatMul weights for speed, keeping a second, wider copy of them (fp16
+    weights are packed as fp32); a 7B fp16 bundle would need three times its size. Pack only
+    when that fits the machine's memory."""
+    weights = sum(f.get("bytes", 0) for f in bundle.manifest.get("files", {}).values())
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf: keep onnxruntime's default
+        return True
+    return 3 * weights < ram
 
 
 class OrtSession:
@@ -22,6 +36,8 @@ class OrtSession:
         opts.log_severity_level = 3
         # Several sessions share the cores; spinning idle pools would steal them from the next graph.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if not prepack_fits(bundle):
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         path = bundle.path(entry["file"])
         try:
             self._sess = ort.InferenceSession(str(path), opts, providers=list(providers))

@@ -1,0 +1,223 @@
+"""`vlm2om verify` and `vlm2om bench`: the precision and performance reports of the seeds'
+deployments, for any bundle; and the `export` options they rely on (--golden, --batch-gears).
+
+Importing this module imports no torch: `verify --golden` and `bench` run on the Ascend box;
+`verify --reference` and `bench --baseline torch` import torch when asked.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from runtime.errors import Vlm2omError
+
+from .export_extras import ExportExtras, check_batch_gears, export_extras
+
+
+def _ints(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got '{value}'") from None
+
+
+def _backend_options(f):
+    f = click.option("--backend", type=click.Choice(["ort", "om"]), default="ort", show_default=True,
+                     help="ort: the ONNX graphs on onnxruntime; om: the OM files `vlm2om compile` built, "
+                          "through ais_bench on the Ascend NPU.")(f)
+    f = click.option("--device-id", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="NPU device id for the om backend.")(f)
+    f = click.option("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores).")(f)
+    f = click.option("--no-hash-check", is_flag=True, help="Skip the sha256 check of the bundle's files.")(f)
+    f = click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+                     show_default=True, help="Folder for the CSV and JSON reports.")(f)
+    return click.argument("bundle", type=click.Path(path_type=Path))(f)
+
+
+def _open(bundle, no_hash_check):
+    from runtime import Bundle
+
+    return Bundle.open(bundle, verify_hashes=not no_hash_check)
+
+
+def _session_options(backend, device_id, threads) -> dict:
+    return {"device_id": device_id} if backend == "om" else {"threads": threads}
+
+
+@click.command()
+@_backend_options
+@click.option("--golden", is_flag=True,
+              help="Replay the golden inputs/outputs stored by `export --golden` (no torch needed).")
+@click.option("--reference", is_flag=False, flag_value="", default=None, metavar="[CHECKPOINT]",
+              help="Rebuild the PyTorch modules (from the bundle's preset and seed, or CHECKPOINT) and "
+                   "compare every subgraph and the end-to-end greedy answers. Needs torch.")
+@click.option("--graph", "graphs", multiple=True, help="Only this subgraph (repeatable).")
+@click.option("--cosine", type=float, help="Override the manifest's cosine-similarity floor.")
+@click.option("--rel-euclid", type=float, help="Override the manifest's relative-Euclidean-distance ceiling.")
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="End-to-end case image (repeatable; default: two synthetic images).")
+@click.option("--prompt", "prompts", multiple=True,
+              help="End-to-end case prompt (repeatable); every image is asked every prompt.")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Greedy tokens generated per end-to-end case.")
+@click.option("--no-e2e", is_flag=True, help="With --reference: only the per-subgraph comparison.")
+def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompts, new_tokens, no_e2e, backend,
+           device_id, threads, no_hash_check, out_dir):
+    """Precision report of BUNDLE: per subgraph max/mean abs error, cosine similarity and relative
+    Euclidean distance against the thresholds in its manifest; with --reference also per-step
+    logits cosine and greedy agreement end to end. Writes verify_<model>.csv/.json; exits 1 on a failure."""
+    from runtime.report import format_table, write_csv, write_json
+
+    from .golden import verify_golden
+
+    try:
+        if golden and reference is not None:
+            raise click.UsageError("give either --golden or --reference, not both")
+        b = _open(bundle, no_hash_check)
+        if not golden and reference is None:
+            golden = bool((b.manifest.get("verification") or {}).get("golden"))
+            if not golden:
+                reference = ""
+        limits = {k: v for k, v in (("cosine", cosine), ("rel_euclid", rel_euclid)) if v is not None}
+        session = _session_options(backend, device_id, threads)
+        model, cases = b.manifest["family"], []
+        if golden:
+            click.echo(f"verifying {bundle} on {backend} against its golden file ...")
+            rows = verify_golden(b, backend, limits, list(graphs) or None, **session)
+        else:
+            from .reports import DEFAULT_PROMPTS, reference_source, verify_end_to_end, verify_subgraphs
+
+            src = reference_source(b, Path(reference) if reference else None)
+            click.echo(f"verifying {bundle} on {backend} against PyTorch ({src.label}) ...")
+            rows = verify_subgraphs(b, src, backend, limits, list(graphs) or None, **session)
+            if not no_e2e:
+                cases = verify_end_to_end(b, src, list(images), list(prompts) or list(DEFAULT_PROMPTS),
+                                          new_tokens, backend, **session)
+        heads = ["graph", "output", "gear", "max_abs", "mean_abs", "cosine", "rel_euclid", "result"]
+        table = [[r.graph, r.output, r.gear, r.max_abs, r.mean_abs, r.cosine, r.rel_euclid,
+                  "ok" if r.passed else "FAIL"] for r in rows]
+        click.echo(format_table(heads, table, digits=7))
+        write_csv(out_dir / f"verify_{model}.csv", heads, table)
+        payload = {"bundle": str(bundle), "backend": backend, "mode": "golden" if golden else "reference",
+                   "subgraphs": [r.as_dict() for r in rows]}
+        if cases:
+            _report_cases(cases, out_dir, model, payload)
+        bad = sorted({r.graph for r in rows if not r.passed})
+        bad_cases = [c for c in cases if not c.passed]
+        payload["passed"] = not bad and not bad_cases
+        write_json(out_dir / f"verify_{model}.json", payload)
+        click.echo(f"reports: {out_dir / f'verify_{model}.csv'}, {out_dir / f'verify_{model}.json'}")
+        if bad or bad_cases:
+            for c in bad_cases:
+                click.echo(f"FAIL end-to-end case {c.case} ({Path(c.image).name}, {c.prompt!r}): {c.reason}", err=True)
+            if bad:
+                click.echo(f"FAIL subgraph(s) {', '.join(bad)} of {bundle} miss the thresholds", err=True)
+            sys.exit(1)
+        click.echo(f"PASS: {len(rows)} subgraph outputs" + (f", {len(cases)} end-to-end cases" if cases else ""))
+    except Vlm2omError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _report_cases(cases, out_dir: Path, model: str, payload: dict) -> None:
+    from runtime.report import format_table, write_csv
+
+    heads = ["case", "image", "prompt", "prompt_tokens", "steps", "greedy_agreement", "min_cosine", "result"]
+    table = [[c.case, Path(c.image).name, c.prompt, c.prompt_tokens, len(c.steps), f"{c.agreed}/{len(c.steps)}",
+              c.min_cosine, "ok" if c.passed else "FAIL"] for c in cases]
+    click.echo(format_table(heads, table, digits=6))
+    step_heads = ["case", "step", "token", "reference_token", "cosine", "reference_margin"]
+    steps = [[s.case, s.step, s.token, s.reference_token, s.cosine, s.margin] for c in cases for s in c.steps]
+    write_csv(out_dir / f"verify_{model}_e2e.csv", step_heads, steps)
+    payload["end_to_end"] = [{"case": c.case, "image": c.image, "prompt": c.prompt, "prompt_tokens": c.prompt_tokens,
+                              "greedy_agreement": c.agreed, "steps": len(c.steps), "min_cosine": c.min_cosine,
+                              "passed": c.passed, "reason": c.reason,
+                              "per_step": [dict(zip(step_heads[1:], row[1:])) for row in steps if row[0] == c.case]}
+                             for c in cases]
+
+
+@click.command()
+@_backend_options
+@click.option("--batch", "batches", callback=_ints, default="1,2,4,8", show_default=True,
+              help="Batch sizes (each needs a batch gear: export with --batch-gears).")
+@click.option("--input-lengths", callback=_ints, default="32,64,128,256,512,1024", show_default=True,
+              help="Prompt positions (image tokens included); cells the gears cannot hold are skipped.")
+@click.option("--output-lengths", callback=_ints, default=None,
+              help="Generated tokens, paired with --input-lengths in order (one value: for all). "
+                   "Default: equal to the input lengths, as the seeds measure.")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Timed runs per cell (the median is reported) after one warm-up run.")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Image for every prompt (default: a synthetic one).")
+@click.option("--baseline", type=click.Choice(["torch"]),
+              help="Also run transformers/PyTorch on the same weights and print vlm2om/torch ratios.")
+@click.option("--reference", "checkpoint", type=click.Path(file_okay=False, path_type=Path),
+              help="With --baseline: the checkpoint folder, if not where the bundle was exported from.")
+def bench(bundle, batches, input_lengths, output_lengths, repeats, image, baseline, checkpoint, backend, device_id,
+          threads, no_hash_check, out_dir):
+    """Performance report of BUNDLE on the seeds' grid: batch sizes x input/output lengths; writes
+    {batch}_batch_performance_{model}.csv per batch size and prints the table."""
+    from runtime.bench import BenchOptions, run_grid
+    from runtime.pipeline import VisionChatPipeline
+
+    try:
+        opts = BenchOptions(tuple(batches), tuple(input_lengths), tuple(output_lengths or input_lengths), repeats)
+        opts.pairs()
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--output-lengths") from None
+    try:
+        b = _open(bundle, no_hash_check)
+        pipe = VisionChatPipeline(b, backend, **_session_options(backend, device_id, threads))
+        click.echo(f"benchmarking {bundle} on {backend} (batch gears {pipe.decoder.batch_gears}) ...")
+        rows, cases = run_grid(pipe, opts, image, echo=click.echo)
+        pipe.close()
+        if not rows:
+            raise click.ClickException(f"no cell of the grid fits the gears of {bundle}; choose other lengths")
+        base = None
+        if baseline:
+            from .bench_torch import run_baseline
+
+            base = run_baseline(b, cases, threads, checkpoint, echo=click.echo)
+        from .bench_report import print_and_write
+
+        print_and_write(rows, base, b.manifest["family"], out_dir, backend, echo=click.echo)
+    except Vlm2omError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _extend_export(cmd: click.Command) -> None:
+    """Add --golden and --batch-gears to `export`: they reach write_bundle as ExportExtras."""
+    if any(p.name == "golden" for p in cmd.params):
+        return
+    cmd.params.append(click.Option(
+        ["--golden"], is_flag=True,
+        help="Store golden inputs and outputs (golden.npz) so `vlm2om verify --golden` can check the "
+             "bundle, or its OM files, on a box without torch."))
+    cmd.params.append(click.Option(
+        ["--batch-gears"], callback=_ints,
+        help="Batch sizes compiled for the embed and decoder graphs, e.g. 1,2,4,8 (must include 1); "
+             "seq x cache x batch gears may not exceed ATC's 100."))
+    inner = cmd.callback
+
+    @functools.wraps(inner)
+    def callback(*args, golden=False, batch_gears=None, **kwargs):
+        try:
+            extras = ExportExtras(golden=golden, batch_gears=check_batch_gears(batch_gears or ()))
+        except Vlm2omError as e:
+            raise click.BadParameter(str(e), param_hint="--batch-gears") from None
+        with export_extras(extras):
+            return inner(*args, **kwargs)
+
+    cmd.callback = callback
+
+
+def register(main: click.Group) -> None:
+    """Add the report commands to the `vlm2om` group and the report options to `export`."""
+    main.add_command(verify)
+    main.add_command(bench)
+    if "export" in main.commands:
+        _extend_export(main.commands["export"])

@@ -1,0 +1,139 @@
+"""Weight folds on a graph traced weight-free (see onnx_export), done lazily.
+
+onnxsim folds weights only when they sit in the protobuf, and ours never do: the graph is
+traced with its parameters as inputs so that no weight is ever copied in bulk. The folds
+that matter for speed are therefore done here, on *thunks* (zero-argument functions that
+make a tensor), so that each folded tensor is computed only when it is written, one at a
+time:
+
+* ``Transpose(W)`` feeding only MatMuls -> ``W^T`` stored (how nn.Linear traces);
+* ``Mul(x, w)`` with a 1-D weight feeding only weight MatMuls -> ``w`` folded into their rows
+  (the RMSNorm scale before q/k/v and gate/up);
+* three or more MatMuls that share their input and all multiply by weights -> one MatMul on
+  the concatenated weights and a Split (q/k/v: one GEMM instead of three).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import onnx
+import torch
+from onnx import helper
+
+Thunk = Callable[[], torch.Tensor]
+# q/k/v fuse; the two-way gate/up fusion measured slower on onnxruntime (its Split copies more).
+MIN_FUSED = 3
+
+
+def fold_weights(graph: onnx.GraphProto, weights: dict[str, Thunk], shapes: dict[str, tuple]) -> None:
+    """Rewrite ``graph`` and ``weights`` in place; ``shapes`` tracks each weight's shape."""
+    _fold_transposes(graph, weights, shapes)
+    _fold_scales(graph, weights, shapes)
+    _fuse_shared_input(graph, weights, shapes)
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def _is_output(graph: onnx.GraphProto, name: str) -> bool:
+    return any(o.name == name for o in graph.output)
+
+
+def _drop(graph: onnx.GraphProto, dead: list[onnx.NodeProto]) -> None:
+    ids = {id(n) for n in dead}
+    kept = [n for n in graph.node if id(n) not in ids]
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _weight_matmul(node: onnx.NodeProto, weights: dict, shapes: dict) -> bool:
+    return node.op_type == "MatMul" and node.input[1] in weights and len(shapes[node.input[1]]) == 2
+
+
+def _fold_transposes(graph, weights, shapes) -> None:
+    users, dead = _consumers(graph), []
+    for node in graph.node:
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        src = node.input[0] if node.input else None
+        if node.op_type != "Transpose" or perm != [1, 0] or src not in weights or _is_output(graph, node.output[0]):
+            continue
+        if not all(u.op_type == "MatMul" and u.input[1] == node.output[0] for u in users.get(node.output[0], [])):
+            continue
+        name = f"{src}.T"
+        if name not in weights:
+            weights[name] = (lambda f: lambda: f().t())(weights[src])
+            shapes[name] = tuple(reversed(shapes[src]))
+        for u in users[node.output[0]]:
+            u.input[1] = name
+        dead.append(node)
+    _drop(graph, dead)
+
+
+def _fold_scales(graph, weights, shapes) -> None:
+    users, dead = _consumers(graph), []
+    for node in graph.node:
+        if node.op_type != "Mul":
+            continue
+        scale = next((i for i in node.input if i in weights and len(shapes[i]) == 1), None)
+        if scale is None or _is_output(graph, node.output[0]):
+            continue
+        x = node.input[1] if node.input[0] == scale else node.input[0]
+        after = users.get(node.output[0], [])
+        if not after or not all(_weight_matmul(u, weights, shapes) and u.input[0] == node.output[0]
+                                and shapes[u.input[1]][0] == shapes[scale][0] for u in after):
+            continue
+        for u in after:
+            name = f"{u.input[1]}*{scale}"
+            weights[name] = _scaled(weights[u.input[1]], weights[scale])
+            shapes[name] = shapes[u.input[1]]
+            u.input[0], u.input[1] = x, name
+        dead.append(node)
+    _drop(graph, dead)
+
+
+def _scaled(w: Thunk, s: Thunk) -> Thunk:
+    def make() -> torch.Tensor:
+        t = w()
+        return (t.float() * s().float()[:, None]).to(t.dtype)  # fp32 product, rounded once
+    return make
+
+
+def _fuse_shared_input(graph, weights, shapes) -> None:
+    groups: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        if _weight_matmul(node, weights, shapes):
+            groups.setdefault(node.input[0], []).append(node)
+    new_nodes: dict[int, list[onnx.NodeProto]] = {}
+    dead = []
+    for x, nodes in groups.items():
+        if len(nodes) < MIN_FUSED or len({shapes[n.input[1]][0] for n in nodes}) != 1:
+            continue
+        parts = [n.input[1] for n in nodes]
+        name = "cat(" + ",".join(parts) + ")"
+        thunks = [weights[p] for p in parts]
+        weights[name] = (lambda ts: lambda: torch.cat([t() for t in ts], dim=1))(thunks)
+        sizes = [shapes[p][1] for p in parts]
+        shapes[name] = (shapes[parts[0]][0], sum(sizes))
+        fused, split_sizes = f"{nodes[0].output[0]}_fused", f"{nodes[0].output[0]}_sizes"
+        graph.initializer.append(helper.make_tensor(split_sizes, onnx.TensorProto.INT64, [len(sizes)], sizes))
+        first = min(list(graph.node).index(n) for n in nodes)
+        new_nodes[first] = [
+            helper.make_node("MatMul", [x, name], [fused], name=f"{nodes[0].name or fused}_fused"),
+            helper.make_node("Split", [fused, split_sizes], [n.output[0] for n in nodes], axis=-1,
+                             name=f"{nodes[0].name or fused}_split")]
+        dead += nodes
+    if not new_nodes:
+        return
+    ids = {id(n) for n in dead}
+    rebuilt = []
+    for i, n in enumerate(graph.node):
+        rebuilt += new_nodes.get(i, [])
+        if id(n) not in ids:
+            rebuilt.append(n)
+    del graph.node[:]
+    graph.node.extend(rebuilt)
