@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import transformers as T  # noqa: E402
 
 from exporters import minigpt4  # noqa: E402
+from exporters.bench_torch import hf_llama  # noqa: E402  (the name map `vlm2om bench --baseline torch` uses)
 from exporters.export import write_bundle  # noqa: E402
 from exporters.minigpt4 import ExportOptions, build_modules  # noqa: E402
 from exporters.reference import TorchReference  # noqa: E402
@@ -41,38 +41,6 @@ from runtime import GenerationConfig, open_bundle  # noqa: E402
 
 IMAGE = ROOT / "examples" / "sample.png"
 QUESTION = "Describe this image in detail."
-LEAVES = ["input_layernorm.weight", "post_attention_layernorm.weight",
-          *(f"self_attn.{p}_proj.weight" for p in "qkvo"), *(f"mlp.{p}_proj.weight" for p in ("gate", "up", "down"))]
-
-
-def hf_llama(mods) -> T.LlamaForCausalLM:
-    """LlamaForCausalLM carrying our weights; every parameter on both sides is mapped exactly once."""
-    c = mods.llama
-    hf = T.LlamaForCausalLM(T.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden, num_hidden_layers=c.layers, num_attention_heads=c.heads,
-        num_key_value_heads=c.kv_heads, intermediate_size=c.ffn, rms_norm_eps=c.rms_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-        max_position_embeddings=c.max_positions, tie_word_embeddings=False, attn_implementation="eager",
-        dtype=torch.float32)).float().eval()
-    assert hf.config._attn_implementation == "eager"
-    pairs = [(mods.embed.embed_tokens.weight, "model.embed_tokens.weight")]
-    for g in mods.groups:
-        for j, layer in enumerate(g.layers):
-            own = dict(layer.named_parameters())
-            assert set(own) == set(LEAVES), f"layer {g.start + j}: {sorted(own)}"
-            pairs += [(own[leaf], f"model.layers.{g.start + j}.{leaf}") for leaf in LEAVES]
-        if g.is_last:
-            pairs += [(g.norm.weight, "model.norm.weight"), (g.lm_head.weight, "lm_head.weight")]
-    ours = [p for m in [mods.embed, *mods.groups] for p in m.parameters()]
-    dst = dict(hf.named_parameters())
-    names = [h for _, h in pairs]
-    assert len(names) == len(set(names)) and set(names) == set(dst), f"unmapped HF: {set(dst) - set(names)}"
-    assert {id(p) for p, _ in pairs} == {id(p) for p in ours} and len(pairs) == len(ours), "unmapped ours"
-    with torch.no_grad():
-        for p, h in pairs:
-            assert p.shape == dst[h].shape, f"{h}: {tuple(p.shape)} vs {tuple(dst[h].shape)}"
-            dst[h].copy_(p)
-    return hf
 
 
 def hf_generate(hf, embeds: torch.Tensor, n: int) -> tuple[list[int], float]:

@@ -228,5 +228,9 @@ def compile_(bundle, soc, cann, precision, atc_cmd, force, script_only, ignore_l
         _fail(e)
 
 
+from exporters.cli_reports import register as _register_reports  # noqa: E402  verify, bench, export --golden
+
+_register_reports(main)
+
 if __name__ == "__main__":
     main()

@@ -73,7 +73,7 @@ def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompt
     logits cosine and greedy agreement end to end. Writes verify_<model>.csv/.json; exits 1 on a failure."""
     from runtime.report import format_table, write_csv, write_json
 
-    from .golden import verify_golden
+    from .golden import thresholds_label, verify_golden
 
     try:
         if golden and reference is not None:
@@ -90,7 +90,11 @@ def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompt
             click.echo(f"verifying {bundle} on {backend} against its golden file ...")
             rows = verify_golden(b, backend, limits, list(graphs) or None, **session)
         else:
-            from .reports import DEFAULT_PROMPTS, reference_source, verify_end_to_end, verify_subgraphs
+            try:
+                from .reports import DEFAULT_PROMPTS, reference_source, verify_end_to_end, verify_subgraphs
+            except ImportError as e:
+                raise click.ClickException(f"verify --reference needs torch ({e}); on a box without torch "
+                                           "verify with --golden (export the bundle with --golden)") from None
 
             src = reference_source(b, Path(reference) if reference else None)
             click.echo(f"verifying {bundle} on {backend} against PyTorch ({src.label}) ...")
@@ -101,7 +105,9 @@ def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompt
         heads = ["graph", "output", "gear", "max_abs", "mean_abs", "cosine", "rel_euclid", "result"]
         table = [[r.graph, r.output, r.gear, r.max_abs, r.mean_abs, r.cosine, r.rel_euclid,
                   "ok" if r.passed else "FAIL"] for r in rows]
-        click.echo(format_table(heads, table, digits=7))
+        click.echo(format_table(heads, [[r.graph, r.output, r.gear, f"{r.max_abs:.3e}", f"{r.mean_abs:.3e}",
+                                         f"{r.cosine:.7f}", f"{r.rel_euclid:.3e}", t[-1]] for r, t in zip(rows, table)]))
+        click.echo(f"thresholds ({thresholds_label(b, backend, limits)})")
         write_csv(out_dir / f"verify_{model}.csv", heads, table)
         payload = {"bundle": str(bundle), "backend": backend, "mode": "golden" if golden else "reference",
                    "subgraphs": [r.as_dict() for r in rows]}
@@ -179,9 +185,12 @@ def bench(bundle, batches, input_lengths, output_lengths, repeats, image, baseli
             raise click.ClickException(f"no cell of the grid fits the gears of {bundle}; choose other lengths")
         base = None
         if baseline:
-            from .bench_torch import run_baseline
+            try:
+                from .bench_torch import run_baseline
+            except ImportError as e:
+                raise click.ClickException(f"bench --baseline torch needs torch and transformers ({e})") from None
 
-            base = run_baseline(b, cases, threads, checkpoint, echo=click.echo)
+            base = run_baseline(b, cases, threads, checkpoint, echo=click.echo, repeats=repeats)
         from .bench_report import print_and_write
 
         print_and_write(rows, base, b.manifest["family"], out_dir, backend, echo=click.echo)

@@ -71,6 +71,12 @@ def thresholds_for(bundle, backend: str) -> tuple[str, dict]:
     return dtype, dict(table[dtype])
 
 
+def thresholds_label(bundle, backend: str, overrides: dict | None = None) -> str:
+    dtype, t = thresholds_for(bundle, backend)
+    t.update(overrides or {})
+    return f"{dtype}: cosine >= {t['cosine']}, rel_euclid <= {t['rel_euclid']}"
+
+
 def golden_entry(bundle) -> dict:
     entry = (bundle.manifest.get("verification") or {}).get("golden")
     if not entry:

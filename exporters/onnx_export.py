@@ -31,7 +31,9 @@ from .weight_folds import fold_weights
 
 OPSET = 13
 MAX_IR_VERSION = 8
-EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to a side file (protobuf caps at 2 GB)
+# Weights above 256 MiB go to a side file, written tensor by tensor: inline weights are copied
+# into the protobuf and again into its serialised bytes, and protobuf caps at 2 GB.
+EXTERNAL_DATA_BYTES = 256 << 20
 _ALIGN = 64  # offsets in the side file, so a reader can map tensors in place
 
 

@@ -14,6 +14,8 @@ from .errors import InputError
 
 def cell(value, digits: int = 2) -> str:
     """A number as a table shows it: fixed digits for ordinary sizes, scientific for tiny ones."""
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items()) or "static"
     if isinstance(value, bool) or value is None:
         return "" if value is None else ("yes" if value else "no")
     if isinstance(value, float):

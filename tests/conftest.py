@@ -36,3 +36,16 @@ def sample_image():
     from pathlib import Path
 
     return Path(__file__).resolve().parent.parent / "examples" / "sample.png"
+
+
+@pytest.fixture(scope="session")
+def tiny_batch_bundle(tmp_path_factory, tiny_opts):
+    """The tiny bundle exported with golden files and batch gears 1, 2, 4 (`export --golden --batch-gears`)."""
+    from exporters import minigpt4
+    from exporters.export import write_bundle
+    from exporters.export_extras import ExportExtras
+
+    out = tmp_path_factory.mktemp("bundles") / "minigpt4-tiny-batch"
+    write_bundle(minigpt4.plan(tiny_opts), out, echo=lambda s: None,
+                 extras=ExportExtras(golden=True, batch_gears=(1, 2, 4)))
+    return out

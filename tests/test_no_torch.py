@@ -58,3 +58,17 @@ def test_cli_run_and_chat_without_torch(tmp_path, tiny_bundle, sample_image):
                        env=_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("assistant> ") == 2
+
+
+def test_golden_verify_and_bench_without_torch(tmp_path, tiny_batch_bundle):
+    """The Ascend box checks its graphs against the stored golden outputs and measures them."""
+    base = [sys.executable, "-m", "exporters.cli"]
+    r = subprocess.run([*base, "verify", str(tiny_batch_bundle), "--golden", "--out", str(tmp_path / "rep")],
+                       env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "PASS: 12 subgraph outputs" in r.stdout and (tmp_path / "rep" / "verify_minigpt4.csv").is_file()
+    r = subprocess.run([*base, "bench", str(tiny_batch_bundle), "--batch", "1,2", "--input-lengths", "125",
+                        "--output-lengths", "4", "--out", str(tmp_path / "rep")],
+                       env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "rep" / "2_batch_performance_minigpt4.csv").is_file()

@@ -1,0 +1,132 @@
+"""`vlm2om verify`: thresholds recorded at export, golden replay, the torch reference, and a
+perturbed graph caught and named."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import onnx
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from exporters.cli import main
+from exporters.verify import E2E_THRESHOLDS, THRESHOLDS
+from runtime.bundle import sha256_file
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "bundle"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def perturb(bundle, graph: str, scale: float = 0.05, rehash: bool = True) -> str:
+    """Add noise to the graph's largest weight (a wrong or damaged ONNX); optionally re-hash it in
+    the manifest, as a bundle whose graph was rebuilt wrongly would be."""
+    m = json.loads((bundle / "manifest.json").read_text())
+    name = m["graphs"][graph]["file"]
+    model = onnx.load(str(bundle / name))
+    init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    w = numpy_helper.to_array(init)
+    noisy = w + scale * np.random.default_rng(0).standard_normal(w.shape).astype(w.dtype) * np.abs(w).mean()
+    init.CopyFrom(numpy_helper.from_array(noisy.astype(w.dtype), init.name))
+    onnx.save(model, str(bundle / name))
+    if rehash:
+        p = bundle / name
+        m["files"][name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        (bundle / "manifest.json").write_text(json.dumps(m, indent=1))
+    return name
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_manifest_records_thresholds_and_golden_file(tiny_batch_bundle, tiny_bundle):
+    m = json.loads((tiny_batch_bundle / "manifest.json").read_text())
+    v = m["verification"]
+    assert v["thresholds"] == THRESHOLDS["float32"] and v["end_to_end"] == E2E_THRESHOLDS["float32"]
+    golden = v["golden"]
+    assert golden["file"] in m["files"]  # hashed like every bundle file
+    assert m["files"][golden["file"]]["sha256"] == sha256_file(tiny_batch_bundle / golden["file"])
+    assert set(golden["graphs"]) == set(m["graphs"])
+    with np.load(tiny_batch_bundle / golden["file"]) as z:
+        assert z["decoder_1/0/out/logits"].shape == (2, 16, m["model"]["llama"]["vocab_size"])
+    # A bundle exported without --golden still records its thresholds.
+    plain = json.loads((tiny_bundle / "manifest.json").read_text())["verification"]
+    assert plain["thresholds"] == THRESHOLDS["float32"] and "golden" not in plain
+
+
+def test_golden_verify_passes_then_catches_a_perturbed_graph(tiny_batch_bundle, tmp_path):
+    bundle = _copy(tiny_batch_bundle, tmp_path)
+    runner = CliRunner()
+    r = runner.invoke(main, ["verify", str(bundle), "--golden", "--out", str(tmp_path / "ok")])
+    assert r.exit_code == 0, r.output
+    rows = _rows(tmp_path / "ok" / "verify_minigpt4.csv")
+    assert {row["graph"] for row in rows} == {"vision", "bridge", "embed", "decoder_0", "decoder_1"}
+    assert all(row["result"] == "ok" and float(row["cosine"]) >= 0.99999 for row in rows)
+    assert json.loads((tmp_path / "ok" / "verify_minigpt4.json").read_text())["passed"] is True
+
+    perturb(bundle, "decoder_1")
+    r = runner.invoke(main, ["verify", str(bundle), "--golden", "--out", str(tmp_path / "bad")])
+    assert r.exit_code == 1
+    assert "FAIL subgraph(s) decoder_1" in r.output
+    rows = _rows(tmp_path / "bad" / "verify_minigpt4.csv")
+    failed = {row["graph"] for row in rows if row["result"] == "FAIL"}
+    assert failed == {"decoder_1"}
+    worst = min(float(row["cosine"]) for row in rows if row["graph"] == "decoder_1")
+    assert worst < THRESHOLDS["float32"]["cosine"]
+    assert json.loads((tmp_path / "bad" / "verify_minigpt4.json").read_text())["passed"] is False
+
+
+def test_altered_file_without_rehash_is_named(tiny_batch_bundle, tmp_path):
+    bundle = _copy(tiny_batch_bundle, tmp_path)
+    name = perturb(bundle, "decoder_0", rehash=False)
+    r = CliRunner().invoke(main, ["verify", str(bundle), "--golden", "--out", str(tmp_path)])
+    assert r.exit_code == 1 and f"altered: {name}" in r.output
+
+
+def test_verify_without_golden_file_says_how(tiny_bundle, tmp_path):
+    r = CliRunner().invoke(main, ["verify", str(tiny_bundle), "--golden", "--out", str(tmp_path)])
+    assert r.exit_code == 1 and "export ... --golden" in r.output and str(tiny_bundle) in r.output
+
+
+def test_reference_verify_end_to_end(tiny_batch_bundle, tmp_path, sample_image):
+    r = CliRunner().invoke(main, ["verify", str(tiny_batch_bundle), "--reference", "--image", str(sample_image),
+                                  "--prompt", "What is it?", "--new-tokens", "8", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "verify_minigpt4.json").read_text())
+    assert report["mode"] == "reference" and report["passed"]
+    (case,) = report["end_to_end"]
+    assert case["greedy_agreement"] == case["steps"] == 8
+    assert case["min_cosine"] >= E2E_THRESHOLDS["float32"]["logits_cosine"]
+    steps = _rows(tmp_path / "verify_minigpt4_e2e.csv")
+    assert len(steps) == 8 and all(s["token"] == s["reference_token"] for s in steps)
+
+
+def test_reference_verify_catches_a_perturbed_graph(tiny_batch_bundle, tmp_path, sample_image):
+    bundle = _copy(tiny_batch_bundle, tmp_path)
+    perturb(bundle, "decoder_0", scale=0.5)
+    r = CliRunner().invoke(main, ["verify", str(bundle), "--reference", "--image", str(sample_image),
+                                  "--prompt", "What is it?", "--new-tokens", "4", "--out", str(tmp_path)])
+    assert r.exit_code == 1
+    assert "FAIL subgraph(s) decoder_0" in r.output and "FAIL end-to-end case 0" in r.output
+
+
+def test_golden_verify_on_om_files(tiny_batch_bundle, tmp_path, monkeypatch):
+    """The Ascend box's check: the OM files (fake ATC, ais_bench stand-in) against the golden outputs,
+    judged by the float16 thresholds since ATC compiled them with force_fp16."""
+    import ais_bench_standin as standin
+    from exporters.compile import CompileOptions, compile_bundle
+    from fake_cann import install_fake_cann
+
+    bundle = _copy(tiny_batch_bundle, tmp_path)
+    install_fake_cann(tmp_path / "Ascend", monkeypatch)
+    compile_bundle(bundle, CompileOptions(), echo=lambda s: None)
+    standin.install(monkeypatch)
+    r = CliRunner().invoke(main, ["verify", str(bundle), "--golden", "--backend", "om", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "float16: cosine >= 0.999" in r.output and "PASS: 12 subgraph outputs" in r.output
