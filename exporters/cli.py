@@ -52,12 +52,20 @@ def main():
               help="minigpt4: split EVA-ViT-g's blocks over this many chained graphs "
                    "(default 2 for --checkpoint, which keeps the export's memory near 2.5 GB; 1 for a preset).")
 @click.option("--template", help="llava15: prompt template, vicuna_v1 (default) or llava_v1.")
+@click.option("--golden", is_flag=True,
+              help="Store golden inputs and outputs (golden.npz) so `vlm2om verify --golden` can check the "
+                   "bundle, or its OM files, on a box without torch.")
+@click.option("--batch-gears", callback=_ints,
+              help="Batch sizes compiled for the embed and decoder graphs, e.g. 1,2,4,8 (must include 1); "
+                   "seq x cache x batch gears may not exceed ATC's 100.")
 def export(model, out, checkpoint, preset, dtype, seq_gears, cache_gears, layers_per_group, seed, no_simplify,
-           keep_going, vision_graphs, template):
+           keep_going, vision_graphs, template, golden, batch_gears):
     """Export MODEL (e.g. minigpt4) to a verified bundle of ONNX subgraphs."""
     try:
         from exporters import get_recipe
+        from exporters.export_extras import ExportExtras, check_batch_gears
 
+        extras = ExportExtras(golden=golden, batch_gears=check_batch_gears(batch_gears or ()))
         recipe = get_recipe(model)
         if checkpoint is not None and preset is not None:
             raise click.UsageError("give either --checkpoint or --preset, not both")
@@ -80,7 +88,7 @@ def export(model, out, checkpoint, preset, dtype, seq_gears, cache_gears, layers
             click.echo(f"ignoring {len(ignored)} checkpoint keys the model never uses:")
             for line in ignored:
                 click.echo(f"  {line}")
-        write_bundle(plan, out, echo=click.echo, simplify=not no_simplify, keep_going=keep_going)
+        write_bundle(plan, out, echo=click.echo, simplify=not no_simplify, keep_going=keep_going, extras=extras)
     except Vlm2omError as e:
         _fail(e)
 

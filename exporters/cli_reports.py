@@ -6,7 +6,6 @@ Importing this module imports no torch: `verify --golden` and `bench` run on the
 """
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import click
 
 from runtime.errors import Vlm2omError
 
-from .export_extras import ExportExtras, check_batch_gears, export_extras
 
 
 def _ints(ctx, param, value):
@@ -198,35 +196,7 @@ def bench(bundle, batches, input_lengths, output_lengths, repeats, image, baseli
         raise click.ClickException(str(e)) from None
 
 
-def _extend_export(cmd: click.Command) -> None:
-    """Add --golden and --batch-gears to `export`: they reach write_bundle as ExportExtras."""
-    if any(p.name == "golden" for p in cmd.params):
-        return
-    cmd.params.append(click.Option(
-        ["--golden"], is_flag=True,
-        help="Store golden inputs and outputs (golden.npz) so `vlm2om verify --golden` can check the "
-             "bundle, or its OM files, on a box without torch."))
-    cmd.params.append(click.Option(
-        ["--batch-gears"], callback=_ints,
-        help="Batch sizes compiled for the embed and decoder graphs, e.g. 1,2,4,8 (must include 1); "
-             "seq x cache x batch gears may not exceed ATC's 100."))
-    inner = cmd.callback
-
-    @functools.wraps(inner)
-    def callback(*args, golden=False, batch_gears=None, **kwargs):
-        try:
-            extras = ExportExtras(golden=golden, batch_gears=check_batch_gears(batch_gears or ()))
-        except Vlm2omError as e:
-            raise click.BadParameter(str(e), param_hint="--batch-gears") from None
-        with export_extras(extras):
-            return inner(*args, **kwargs)
-
-    cmd.callback = callback
-
-
 def register(main: click.Group) -> None:
-    """Add the report commands to the `vlm2om` group and the report options to `export`."""
+    """Add the report commands to the `vlm2om` group."""
     main.add_command(verify)
     main.add_command(bench)
-    if "export" in main.commands:
-        _extend_export(main.commands["export"])

@@ -24,7 +24,7 @@ from runtime.bundle import MANIFEST, SCHEMA_VERSION, Bundle, sha256_file
 from runtime.errors import InputError
 
 from . import atc
-from .export_extras import ExportExtras, apply_batch_gears, current_extras, verification_entry
+from .export_extras import ExportExtras, apply_batch_gears, verification_entry
 from .golden import GoldenWriter
 from .onnx_export import OPSET, export_onnx
 from .subgraph import Subgraph
@@ -156,7 +156,7 @@ class LintFailed(InputError):
 
 def write_bundle(plan: ExportPlan, out: Path, echo: Callable[[str], None] = print,
                  simplify: bool = True, keep_going: bool = False, extras: ExportExtras | None = None) -> Bundle:
-    extras = extras or current_extras()  # --golden, --batch-gears
+    extras = extras or ExportExtras()  # --golden, --batch-gears
     apply_batch_gears(plan, extras.batch_gears)
     t0, n = time.perf_counter(), len(plan.subgraphs)
     graphs: dict[str, dict] = {}

@@ -1,14 +1,11 @@
 """Export options that apply to every recipe: batch gears, golden files, recorded thresholds.
 
 They change what ``write_bundle`` does with any plan rather than what a recipe builds, so
-they travel beside the plan: explicitly (``write_bundle(..., extras=...)``) or, for the
-``export`` command, through ``export_extras`` around the call.
+they travel beside the plan: ``write_bundle(..., extras=...)``.
 """
 from __future__ import annotations
 
 import itertools
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 from runtime.errors import InputError
@@ -23,23 +20,6 @@ BATCH_DIM = "batch"
 class ExportExtras:
     golden: bool = False  # store golden inputs/outputs (golden.npz) for `vlm2om verify --golden`
     batch_gears: tuple[int, ...] = ()  # e.g. (1, 2, 4, 8): a batch gear dim on embed/decoder graphs
-
-
-_EXTRAS: ContextVar[ExportExtras] = ContextVar("vlm2om_export_extras", default=ExportExtras())
-
-
-def current_extras() -> ExportExtras:
-    return _EXTRAS.get()
-
-
-@contextmanager
-def export_extras(extras: ExportExtras):
-    """Make ``extras`` the default of every ``write_bundle`` inside the block."""
-    token = _EXTRAS.set(extras)
-    try:
-        yield extras
-    finally:
-        _EXTRAS.reset(token)
 
 
 def check_batch_gears(values) -> tuple[int, ...]:
