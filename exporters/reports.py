@@ -42,6 +42,9 @@ def reference_source(bundle, checkpoint: Path | None = None) -> ReferenceSource:
     """The recipe and export options that rebuild the bundle's torch modules."""
     m = bundle.manifest
     recipe = get_recipe(m["family"])
+    if not hasattr(recipe, "build_modules"):  # the torch reference pipeline exists for MiniGPT-4 only
+        raise InputError(f"--reference and --baseline torch are not available for {m['family']} bundles yet; "
+                         "`vlm2om verify --golden` checks every subgraph of them")
     opts = dict((m.get("provenance") or {}).get("options") or {})
     if checkpoint is not None:
         if not Path(checkpoint).is_dir():
