@@ -9,16 +9,10 @@ from pathlib import Path
 import click
 
 from exporters import atc
+from exporters.cli_common import int_list
 from runtime.errors import Vlm2omError
 
 
-def _ints(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got '{value}'") from None
 
 
 def _fail(e: Exception):
@@ -41,8 +35,8 @@ def main():
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None,
               help="Dtype of the exported graphs' weights and activations (LayerNorms and softmax "
                    "stay fp32). Default: float16 for --checkpoint (ATC's own default), float32 for a preset.")
-@click.option("--seq-gears", callback=_ints, help="Prompt-chunk lengths compiled, e.g. 1,32,128,512.")
-@click.option("--cache-gears", callback=_ints, help="KV-cache capacities compiled, e.g. 256,512,1024,2048.")
+@click.option("--seq-gears", callback=int_list, help="Prompt-chunk lengths compiled, e.g. 1,32,128,512.")
+@click.option("--cache-gears", callback=int_list, help="KV-cache capacities compiled, e.g. 256,512,1024,2048.")
 @click.option("--layers-per-group", type=click.IntRange(min=1), help="Decoder layers per ONNX file.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of a random-weight preset.")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
@@ -55,7 +49,7 @@ def main():
 @click.option("--golden", is_flag=True,
               help="Store golden inputs and outputs (golden.npz) so `vlm2om verify --golden` can check the "
                    "bundle, or its OM files, on a box without torch.")
-@click.option("--batch-gears", callback=_ints,
+@click.option("--batch-gears", callback=int_list,
               help="Batch sizes compiled for the embed and decoder graphs, e.g. 1,2,4,8 (must include 1); "
                    "seq x cache x batch gears may not exceed ATC's 100.")
 def export(model, out, checkpoint, preset, dtype, seq_gears, cache_gears, layers_per_group, seed, no_simplify,

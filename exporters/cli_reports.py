@@ -13,15 +13,10 @@ import click
 
 from runtime.errors import Vlm2omError
 
+from .cli_common import int_list
 
 
-def _ints(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got '{value}'") from None
+
 
 
 def _backend_options(f):
@@ -146,11 +141,11 @@ def _report_cases(cases, out_dir: Path, model: str, payload: dict) -> None:
 
 @click.command()
 @_backend_options
-@click.option("--batch", "batches", callback=_ints, default="1,2,4,8", show_default=True,
+@click.option("--batch", "batches", callback=int_list, default="1,2,4,8", show_default=True,
               help="Batch sizes (each needs a batch gear: export with --batch-gears).")
-@click.option("--input-lengths", callback=_ints, default="32,64,128,256,512,1024", show_default=True,
+@click.option("--input-lengths", callback=int_list, default="32,64,128,256,512,1024", show_default=True,
               help="Prompt positions (image tokens included); cells the gears cannot hold are skipped.")
-@click.option("--output-lengths", callback=_ints, default=None,
+@click.option("--output-lengths", callback=int_list, default=None,
               help="Generated tokens, paired with --input-lengths in order (one value: for all). "
                    "Default: equal to the input lengths, as the seeds measure.")
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,

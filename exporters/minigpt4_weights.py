@@ -125,32 +125,27 @@ def _meta(build):
         return build()
 
 
-def vision_plans(files: MiniGPT4Files, cfg: EvaVitConfig) -> list[Plan]:
-    """The ViT from eva_vit_g.pth, ln_vision from BLIP-2 (nothing read yet)."""
-    want = expected_shapes(_meta(lambda: EvaVisionEncoder(cfg)))
+def vision_plans(files: MiniGPT4Files, cfg: EvaVitConfig,
+                 blocks: tuple[int, int] | None = None) -> list[Plan]:
+    """The ViT from eva_vit_g.pth, ln_vision from BLIP-2 (nothing read yet). The whole encoder
+    judges every key of the EVA file; a slice (``blocks``) maps only its own blocks."""
+    start, stop = blocks or (0, cfg.depth)
+    whole = (start, stop) == (0, cfg.depth)
+    want = expected_shapes(_meta(lambda: EvaVisionEncoder(cfg, (start, stop))))
     ln = {k: v for k, v in want.items() if k.startswith("ln_vision.")}
     trunk = {k: v for k, v in want.items() if k not in ln}
-    blocks = {"i": range(cfg.depth)}
-    return [eva_table(cfg.depth).plan(DictSource(files.eva), trunk, blocks),
-            # Only ln_vision is taken here; qformer_plans accounts for the rest of the file.
-            LN_VISION.plan(DictSource(files.blip2, "model"), ln, check_unmapped=False)]
+    plans = [eva_table(cfg.depth).plan(DictSource(files.eva), trunk,
+                                       {"i": {j: start + j for j in range(stop - start)}}, check_unmapped=whole)]
+    if ln:  # only ln_vision is taken here; qformer_plans accounts for the rest of the file
+        plans.append(LN_VISION.plan(DictSource(files.blip2, "model"), ln, check_unmapped=False))
+    return plans
 
 
 def vision_state(files: MiniGPT4Files, cfg: EvaVitConfig, dtype: torch.dtype | None = None,
                  blocks: tuple[int, int] | None = None) -> LoadReport:
-    """State for ``EvaVisionEncoder(cfg, blocks)``: a slice reads only its own blocks (its keys
-    are not judged against the rest of the file; ``vision_plans`` checked the whole file)."""
-    if blocks is None or tuple(blocks) == (0, cfg.depth):
-        return load_plans(vision_plans(files, cfg), dtype, "MiniGPT-4 vision encoder")
-    start, stop = blocks
-    want = expected_shapes(_meta(lambda: EvaVisionEncoder(cfg, blocks)))
-    ln = {k: v for k, v in want.items() if k.startswith("ln_vision.")}
-    trunk = {k: v for k, v in want.items() if k not in ln}
-    plans = [eva_table(cfg.depth).plan(DictSource(files.eva), trunk,
-                                       {"i": {j: start + j for j in range(stop - start)}}, check_unmapped=False)]
-    if ln:
-        plans.append(LN_VISION.plan(DictSource(files.blip2, "model"), ln, check_unmapped=False))
-    return load_plans(plans, dtype, f"MiniGPT-4 vision blocks [{start}, {stop})")
+    """State for ``EvaVisionEncoder(cfg, blocks)``."""
+    return load_plans(vision_plans(files, cfg, blocks), dtype, "MiniGPT-4 vision encoder"
+                      + (f" blocks [{blocks[0]}, {blocks[1]})" if blocks else ""))
 
 
 # --- Q-Former: blip2_pretrained_flant5xxl.pth ['model'] -------------------------------------

@@ -3,10 +3,13 @@ folds weights without changing what the graph computes."""
 from __future__ import annotations
 
 import gc
+import tempfile
 import weakref
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -53,13 +56,8 @@ def test_side_file_weights_are_aligned_and_run(tmp_path, tiny_opts, monkeypatch,
 
 def test_weight_folds_keep_the_numbers(tiny_opts):
     """Transposes, RMSNorm scales and q/k/v fusion are folded, and the graph still equals torch."""
-    from exporters.subgraph import Subgraph  # noqa: F401 (documents what sg is)
-
     sg = [s for s in minigpt4.plan(tiny_opts).subgraphs if s.name == "decoder_1"][0]
     module = sg.build()
-    import tempfile
-    from pathlib import Path
-
     with tempfile.TemporaryDirectory() as d:
         path = onnx_export.export_onnx(sg, module, Path(d))[0]
         model = onnx.load(str(path))
@@ -69,8 +67,6 @@ def test_weight_folds_keep_the_numbers(tiny_opts):
         assert not any(n.op_type == "Mul" and any(i.endswith("layernorm.weight") for i in n.input)
                        for n in model.graph.node)
         assert ops.count("Split") >= 2, "q/k/v of each layer are one MatMul + Split"
-        import onnxruntime as ort
-
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         feeds = sg.make_inputs(sg.gears[-1], torch.Generator().manual_seed(3))
         got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
