@@ -7,7 +7,7 @@ What it measures (``make bench``; it prints a figure and never fails on timings)
   and copied into ``transformers.LlamaForCausalLM`` (eager attention, float32) through an
   explicit name map that must cover every parameter on both sides.
 * Both start from the same MiniGPT-4 prompt (examples/sample.png + a fixed question, ~110
-  positions). transformers gets the prompt embeddings of ``TorchReference.context`` as
+  positions). transformers gets the prompt embeddings of ``MiniGPT4Reference.context`` as
   ``inputs_embeds``; the bundle runs ``Chat.ask``. Image encoding is excluded on both sides;
   the bundle's TTFT also includes tokenizing the prompt and running the embed graph on it.
 * Greedy decoding, N new tokens, no EOS stop; the greedy tokens of both must agree.
@@ -36,7 +36,7 @@ from exporters import minigpt4  # noqa: E402
 from exporters.bench_torch import hf_llama  # noqa: E402  (the name map `vlm2om bench --baseline torch` uses)
 from exporters.export import write_bundle  # noqa: E402
 from exporters.minigpt4 import ExportOptions, build_modules  # noqa: E402
-from exporters.reference import TorchReference  # noqa: E402
+from exporters.reference import MiniGPT4Reference  # noqa: E402
 from runtime import GenerationConfig, open_bundle  # noqa: E402
 
 IMAGE = ROOT / "examples" / "sample.png"
@@ -90,7 +90,7 @@ def main() -> int:
               f"tensors); threads: {threads}; new tokens: {n}", flush=True)
 
         pipe = open_bundle(out, threads=threads)
-        embeds = TorchReference(mods, pipe.bundle.manifest).context(IMAGE, [(QUESTION, None)])
+        embeds = MiniGPT4Reference(mods, pipe.bundle.manifest).context(IMAGE, [(QUESTION, None)])
         del mods
 
         # Warm-up + agreement check.

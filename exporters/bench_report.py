@@ -23,7 +23,7 @@ NO_RATIO = {"Batch", "InputLength", "OutputLength"}
 @dataclass(frozen=True)
 class BaselineRow:
     row: BenchRow
-    agreed: int  # leading greedy tokens torch and the bundle share (first sequence)
+    agreed: int  # leading greedy tokens torch and the bundle share, summed over the batch's sequences
 
 
 def _by_name(row: BenchRow) -> dict:
@@ -44,7 +44,7 @@ def table_rows(rows: list[BenchRow], base: list[BaselineRow] | None) -> tuple[li
         line = []
         for c in SHOWN:
             line += [mine[c]] if c in NO_RATIO else [mine[c], theirs[c], f"{mine[c] / theirs[c]:.2f}x"]
-        line.append(f"{b.agreed}/{r.output_length}")
+        line.append(f"{b.agreed}/{r.output_length * r.batch}")
         out.append(line)
     return heads, out
 
@@ -71,7 +71,7 @@ def print_and_write(rows: list[BenchRow], base: list[BaselineRow] | None, model:
 def _summary(rows: list[BenchRow], base: list[BaselineRow]) -> str:
     per_token = [r.ms_per_token / b.row.ms_per_token for r, b in zip(rows, base)]
     first = [r.first_token_ms / b.row.first_token_ms for r, b in zip(rows, base)]
-    agree = sum(b.agreed for b in base), sum(r.output_length for r in rows)
+    agree = sum(b.agreed for b in base), sum(r.output_length * r.batch for r in rows)
     return (f"time per token vlm2om/torch: {cell(min(per_token))}x .. {cell(max(per_token))}x; "
             f"first token: {cell(min(first))}x .. {cell(max(first))}x; greedy tokens equal to torch's: "
             f"{agree[0]}/{agree[1]}")

@@ -79,7 +79,7 @@ def run_baseline(bundle, cases: list[BenchCase], threads: int = 0, checkpoint: P
                  echo: Callable[[str], None] = print, repeats: int = 1) -> list[BaselineRow]:
     """Every cell the bundle ran, on transformers with the same weights, in this process
     (the median of ``repeats`` timed runs after a warm-up, as for the bundle)."""
-    from .reference import TorchReference
+    from .reference import make_reference
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     src = reference_source(bundle, checkpoint)
@@ -87,7 +87,7 @@ def run_baseline(bundle, cases: list[BenchCase], threads: int = 0, checkpoint: P
     mods = src.recipe.build_modules(src.options)
     dtype = getattr(torch, bundle.manifest.get("dtype", "float32"))
     hf = hf_llama(mods, dtype)
-    ref = TorchReference(mods, bundle.manifest)
+    ref = make_reference(mods, bundle.manifest)
     memory, rows, warmed = PeakMemory(), [], set()
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "bench.png"
@@ -95,13 +95,13 @@ def run_baseline(bundle, cases: list[BenchCase], threads: int = 0, checkpoint: P
             _save(case.image, image)
             embeds = torch.from_numpy(np.stack(case.prompts)).to(dtype)
             if case.batch not in warmed:  # first call of a batch size: allocations, not speed
-                _encode(mods, ref, image, 1, dtype)
+                _encode(ref, image, 1)
                 hf_generate(hf, embeds, 2)
                 warmed.add(case.batch)
             memory.reset()
             n, runs = case.output_length, []
             for _ in range(max(1, repeats)):
-                image_s = _encode(mods, ref, image, case.batch, dtype)
+                image_s = _encode(ref, image, case.batch)
                 t1 = hf_generate(hf, embeds, 1)[1]
                 tokens, tn = hf_generate(hf, embeds, n)
                 runs.append((image_s, t1, tn))
@@ -109,19 +109,18 @@ def run_baseline(bundle, cases: list[BenchCase], threads: int = 0, checkpoint: P
             row = BenchRow(case.batch, case.input_length, n, first_token_ms=1000 * t1,
                            ms_per_token=1000 * (tn - t1) / max(1, n - 1), image_ms=1000 * image_s,
                            peak_mb=memory.peak_mb())
-            agreed = leading_equal(tokens[0], case.tokens[0])
-            echo(f"torch batch {case.batch}, {case.input_length} in / {n} out: first token "
-                 f"{row.first_token_ms:.1f} ms, {row.ms_per_token:.2f} ms/token; greedy tokens equal {agreed}/{n}")
+            agreed = sum(leading_equal(t, c) for t, c in zip(tokens, case.tokens))
+            echo(f"torch batch {case.batch}, {case.input_length} in / {n} out: first token {row.first_token_ms:.1f} "
+                 f"ms, {row.ms_per_token:.2f} ms/token; greedy tokens equal {agreed}/{n * case.batch}")
             rows.append(BaselineRow(row, agreed))
     return rows
 
 
-@torch.no_grad()
-def _encode(mods, ref, image: Path, count: int, dtype) -> float:
-    """Seconds to preprocess and encode ``count`` images with the torch vision modules."""
+def _encode(ref, image: Path, count: int) -> float:
+    """Seconds to preprocess and encode ``count`` images with the torch image modules."""
     t0 = time.perf_counter()
     for _ in range(count):
-        mods.bridge(mods.vision(ref.pixels(image).to(dtype)))
+        ref.image_embeds(image)
     return time.perf_counter() - t0
 
 

@@ -16,9 +16,6 @@ from runtime.errors import Vlm2omError
 from .cli_common import int_list
 
 
-
-
-
 def _backend_options(f):
     f = click.option("--backend", type=click.Choice(["ort", "om"]), default="ort", show_default=True,
                      help="ort: the ONNX graphs on onnxruntime; om: the OM files `vlm2om compile` built, "
@@ -56,14 +53,18 @@ def _session_options(backend, device_id, threads) -> dict:
               help="End-to-end case image (repeatable; default: two synthetic images).")
 @click.option("--prompt", "prompts", multiple=True,
               help="End-to-end case prompt (repeatable); every image is asked every prompt.")
+@click.option("--follow-up", "follow_ups", multiple=True,
+              help="A later question in the same conversation, checked like the first (repeatable; "
+                   "default: one follow-up).")
+@click.option("--single-turn", is_flag=True, help="No follow-up questions: one turn per case.")
 @click.option("--new-tokens", type=click.IntRange(min=1), default=16, show_default=True,
               help="Greedy tokens generated per end-to-end case.")
 @click.option("--no-e2e", is_flag=True, help="With --reference: only the per-subgraph comparison.")
-def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompts, new_tokens, no_e2e, backend,
-           device_id, threads, no_hash_check, out_dir):
+def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompts, follow_ups, single_turn, new_tokens,
+           no_e2e, backend, device_id, threads, no_hash_check, out_dir):
     """Precision report of BUNDLE: per subgraph max/mean abs error, cosine similarity and relative
     Euclidean distance against the thresholds in its manifest; with --reference also per-step
-    logits cosine and greedy agreement end to end. Writes verify_<model>.csv/.json; exits 1 on a failure."""
+    logits cosine and greedy agreement end to end, over a first question and its follow-ups. Writes verify_<model>.csv/.json; exits 1 on a failure."""
     from runtime.report import format_table, write_csv, write_json
 
     from .golden import thresholds_label, verify_golden
@@ -71,6 +72,8 @@ def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompt
     try:
         if golden and reference is not None:
             raise click.UsageError("give either --golden or --reference, not both")
+        if single_turn and follow_ups:
+            raise click.UsageError("give either --follow-up or --single-turn, not both")
         b = _open(bundle, no_hash_check)
         if not golden and reference is None:
             golden = bool((b.manifest.get("verification") or {}).get("golden"))
@@ -84,7 +87,8 @@ def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompt
             rows = verify_golden(b, backend, limits, list(graphs) or None, **session)
         else:
             try:
-                from .reports import DEFAULT_PROMPTS, reference_source, verify_end_to_end, verify_subgraphs
+                from .reports import (DEFAULT_FOLLOW_UPS, DEFAULT_PROMPTS, reference_source, verify_end_to_end,
+                                      verify_subgraphs)
             except ImportError as e:
                 raise click.ClickException(f"verify --reference needs torch ({e}); on a box without torch "
                                            "verify with --golden (export the bundle with --golden)") from None
@@ -93,7 +97,8 @@ def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompt
             click.echo(f"verifying {bundle} on {backend} against PyTorch ({src.label}) ...")
             rows = verify_subgraphs(b, src, backend, limits, list(graphs) or None, **session)
             if not no_e2e:
-                cases = verify_end_to_end(b, src, list(images), list(prompts) or list(DEFAULT_PROMPTS),
+                later = [] if single_turn else list(follow_ups) or list(DEFAULT_FOLLOW_UPS)
+                cases = verify_end_to_end(b, src, list(images), list(prompts) or list(DEFAULT_PROMPTS), later,
                                           new_tokens, backend, **session)
         heads = ["graph", "output", "gear", "max_abs", "mean_abs", "cosine", "rel_euclid", "result"]
         table = [[r.graph, r.output, r.gear, r.max_abs, r.mean_abs, r.cosine, r.rel_euclid,
@@ -113,7 +118,8 @@ def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompt
         click.echo(f"reports: {out_dir / f'verify_{model}.csv'}, {out_dir / f'verify_{model}.json'}")
         if bad or bad_cases:
             for c in bad_cases:
-                click.echo(f"FAIL end-to-end case {c.case} ({Path(c.image).name}, {c.prompt!r}): {c.reason}", err=True)
+                click.echo(f"FAIL end-to-end case {c.case} ({Path(c.image).name}, turn {c.turn}, {c.prompt!r}): "
+                           f"{c.reason}", err=True)
             if bad:
                 click.echo(f"FAIL subgraph(s) {', '.join(bad)} of {bundle} miss the thresholds", err=True)
             sys.exit(1)
@@ -125,14 +131,15 @@ def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompt
 def _report_cases(cases, out_dir: Path, model: str, payload: dict) -> None:
     from runtime.report import format_table, write_csv
 
-    heads = ["case", "image", "prompt", "prompt_tokens", "steps", "greedy_agreement", "min_cosine", "result"]
-    table = [[c.case, Path(c.image).name, c.prompt, c.prompt_tokens, len(c.steps), f"{c.agreed}/{len(c.steps)}",
-              c.min_cosine, "ok" if c.passed else "FAIL"] for c in cases]
+    heads = ["case", "image", "turn", "prompt", "prompt_tokens", "steps", "greedy_agreement", "min_cosine", "result"]
+    table = [[c.case, Path(c.image).name, c.turn, c.prompt, c.prompt_tokens, len(c.steps),
+              f"{c.agreed}/{len(c.steps)}", c.min_cosine, "ok" if c.passed else "FAIL"] for c in cases]
     click.echo(format_table(heads, table, digits=6))
     step_heads = ["case", "step", "token", "reference_token", "cosine", "reference_margin"]
     steps = [[s.case, s.step, s.token, s.reference_token, s.cosine, s.margin] for c in cases for s in c.steps]
     write_csv(out_dir / f"verify_{model}_e2e.csv", step_heads, steps)
-    payload["end_to_end"] = [{"case": c.case, "image": c.image, "prompt": c.prompt, "prompt_tokens": c.prompt_tokens,
+    payload["end_to_end"] = [{"case": c.case, "image": c.image, "turn": c.turn, "prompt": c.prompt,
+                              "prompt_tokens": c.prompt_tokens,
                               "greedy_agreement": c.agreed, "steps": len(c.steps), "min_cosine": c.min_cosine,
                               "passed": c.passed, "reason": c.reason,
                               "per_step": [dict(zip(step_heads[1:], row[1:])) for row in steps if row[0] == c.case]}

@@ -28,8 +28,8 @@ from graphs.projector import MlpGeluProjector, MlpGeluProjectorConfig
 from runtime.errors import InputError
 
 from .export import ExportPlan
-from .recipe import (CLIP_MEAN, CLIP_STD, Gears, LlmParts, RecipeOptions, assemble, check_preset, image_graph,
-                     random_llm, resolve_gears)
+from .recipe import (CLIP_MEAN, CLIP_STD, Gears, LlmParts, RecipeOptions, ReferenceModules, assemble,
+                     check_preset, image_graph, random_llm, reference_modules, resolve_gears)
 from .subgraph import Subgraph, TensorDecl
 from .tiny_tokenizer import VOCAB_SIZE as TINY_VOCAB
 from .tiny_tokenizer import build_tiny_tokenizer
@@ -134,6 +134,12 @@ def build_parts(opts: ExportOptions) -> LlavaParts:
     from .llava_weights import load_parts
 
     return load_parts(Path(opts.checkpoint), opts.export_dtype, gears)
+
+
+def build_modules(opts: ExportOptions) -> ReferenceModules:
+    """Every module at once: the CLIP tower and the projector chained, then the Llama side."""
+    parts = build_parts(opts)
+    return reference_modules([parts.build_vision, parts.build_projector], parts.llm, parts.tokenizer, parts.source)
 
 
 def image_subgraphs(parts: LlavaParts, dtype: str) -> list[Subgraph]:

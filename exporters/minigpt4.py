@@ -8,7 +8,7 @@ Prompt, preprocessing and generation defaults follow MiniGPT-4's demo for vicuna
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -18,7 +18,7 @@ from torch import nn
 
 from graphs.common import cast_module, init_random_
 from graphs.eva_vit import EvaVisionEncoder, EvaVitConfig
-from graphs.llama import LlamaConfig, LlamaDecoderGroup, LlamaEmbedding
+from graphs.llama import LlamaConfig
 from graphs.projector import Bridge, LinearProjector, LinearProjectorConfig
 from graphs.qformer import QFormer, QFormerConfig
 
@@ -26,8 +26,8 @@ from runtime.errors import InputError
 
 from .export import ExportPlan
 from .llm import group_bounds
-from .recipe import (CLIP_MEAN, CLIP_STD, Gears, LlmParts, RecipeOptions, assemble, check_preset,
-                     image_graph, random_llm, resolve_gears)
+from .recipe import (CLIP_MEAN, CLIP_STD, Gears, LlmParts, RecipeOptions, ReferenceModules, assemble,
+                     check_preset, image_graph, random_llm, reference_modules, resolve_gears)
 from .subgraph import Subgraph, TensorDecl
 from .tiny_tokenizer import VOCAB_SIZE as TINY_VOCAB
 from .tiny_tokenizer import build_tiny_tokenizer
@@ -106,18 +106,6 @@ class MiniGPT4Parts:
     build_bridge: Callable[[], nn.Module]
 
 
-@dataclass
-class MiniGPT4Modules:
-    vision: nn.Module  # EvaVisionEncoder, or the slices chained in an nn.Sequential
-    bridge: Bridge
-    embed: LlamaEmbedding
-    groups: list[LlamaDecoderGroup]
-    llama: LlamaConfig
-    tokenizer: bytes
-    image_size: int
-    source: dict = field(default_factory=dict)
-
-
 def _random_parts(name: str, opts: ExportOptions, gears: Gears) -> MiniGPT4Parts:
     p = PRESETS[name]
     llama = p.llama if p.llama.vocab_size else replace(p.llama, vocab_size=TINY_VOCAB)
@@ -168,15 +156,11 @@ def build_parts(opts: ExportOptions) -> MiniGPT4Parts:
                       opts.vision_graphs)
 
 
-def build_modules(opts: ExportOptions) -> MiniGPT4Modules:
-    """Every module at once (the torch reference and tests; an export builds them one by one)."""
+def build_modules(opts: ExportOptions) -> ReferenceModules:
+    """Every module at once: the EVA slices and the bridge chained, then the Llama side."""
     parts = build_parts(opts)
-    llm = parts.llm
-    slices = [parts.build_vision(i) for i in range(len(parts.vision_bounds))]
-    vision = slices[0] if len(slices) == 1 else nn.Sequential(*slices)
-    return MiniGPT4Modules(vision, parts.build_bridge(), llm.build_embed(),
-                           [llm.build_group(i) for i in range(len(llm.bounds))], llm.llama,
-                           parts.tokenizer, parts.vision_cfg.image_size, parts.source)
+    image = [partial(parts.build_vision, i) for i in range(len(parts.vision_bounds))] + [parts.build_bridge]
+    return reference_modules(image, parts.llm, parts.tokenizer, parts.source)
 
 
 def image_subgraphs(parts: MiniGPT4Parts, dtype: str) -> list[Subgraph]:

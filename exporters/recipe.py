@@ -7,7 +7,7 @@ manifest skeleton and provenance are written once, here; a recipe supplies its i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Mapping
@@ -73,7 +73,9 @@ class RecipeOptions:
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None,
                 "dtype": self.export_dtype, "seq_gears": list(gears.seq), "cache_gears": list(gears.cache),
                 "layers_per_group": gears.layers_per_group, "seed": self.seed,
-                **{k: v for k, v in own.items() if isinstance(v, (str, int, float, bool))}}
+                **{k: v for k, v in own.items() if isinstance(v, (str, int, float, bool))},
+                # configs the checkpoint's shapes cannot tell (head counts), for rebuilding the reference
+                **{k: asdict(v) for k, v in own.items() if is_dataclass(v)}}
 
 
 def resolve_gears(opts: RecipeOptions, presets: Mapping[str, Gears], real: Gears) -> Gears:
@@ -143,6 +145,25 @@ def checkpoint_llm(folder: Path, llama: LlamaConfig, keys, gears: Gears, dtype: 
         return cast_module(g, td)
 
     return LlmParts(llama, bounds, embed, group)
+
+
+@dataclass
+class ReferenceModules:
+    """A family's torch modules all at once: the PyTorch reference of `verify --reference` and
+    `bench --baseline torch`, and tests (an export builds them one graph at a time)."""
+
+    image: nn.Sequential  # the image graphs' modules in pipeline order: pixels -> image embeddings
+    embed: nn.Module
+    groups: list[nn.Module]
+    llama: LlamaConfig
+    tokenizer: bytes
+    source: dict = field(default_factory=dict)
+
+
+def reference_modules(image_builders: list[Callable[[], nn.Module]], llm: LlmParts, tokenizer: bytes,
+                      source: dict) -> ReferenceModules:
+    return ReferenceModules(nn.Sequential(*(build() for build in image_builders)).eval(), llm.build_embed(),
+                            [llm.build_group(i) for i in range(len(llm.bounds))], llm.llama, tokenizer, source)
 
 
 def image_graph(name: str, build: Callable[[], nn.Module], inp: TensorDecl, out: TensorDecl) -> Subgraph:

@@ -1,56 +1,51 @@
-"""The PyTorch reference pipeline a bundle is checked against end to end.
+"""The PyTorch reference pipelines a bundle is checked against end to end.
 
-Written independently of the runtime: torch preprocessing, the prompt assembled the way
-MiniGPT-4's ``Conversation.get_prompt`` / ``get_context_emb`` do, and generation that
-recomputes the whole sequence every step (no KV cache, no gears, no padding), so a
-mismatch points at the runtime's cache, gear or splice logic.
+Written independently of the runtime, family by family, the way the original code does it:
+preprocessing with PIL (and transformers' CLIPImageProcessor for LLaVA), the prompt rendered
+and tokenized as MiniGPT-4's ``Conversation.get_prompt``/``get_context_emb`` or LLaVA's
+``conv.get_prompt``/``tokenizer_image_token`` do, and generation that recomputes the whole
+sequence every step (no KV cache, no gears, no padding), so a mismatch points at the
+runtime's cache, gear, splice or prompt logic.
+
+A turn is ``(question, answer)``; the last turn's answer is None (the one being asked).
 """
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from runtime.errors import InputError
+
 
 class TorchReference:
-    def __init__(self, modules, manifest: dict):
-        import sentencepiece as spm
+    """What every family shares: image embeddings, full-recompute logits, greedy decoding."""
 
+    def __init__(self, modules, manifest: dict):
         self.m = modules
         self.prompt = manifest["prompt"]
         self.pre = {s["op"]: s for s in manifest["preprocess"]["steps"]}
-        self.sp = spm.SentencePieceProcessor(model_proto=modules.tokenizer)
 
     def pixels(self, path) -> torch.Tensor:
-        size = self.pre["resize"]["size"]
-        img = Image.open(path).convert("RGB").resize(tuple(size), Image.BICUBIC)
-        x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)
-        mean = torch.tensor(self.pre["normalize"]["mean"])[:, None, None]
-        std = torch.tensor(self.pre["normalize"]["std"])[:, None, None]
-        return ((x - mean) / std)[None]
+        raise NotImplementedError
+
+    def prompt_ids(self, turns: list[tuple[str, str | None]]) -> list[list[int]]:
+        """Token ids of the text before and after the image."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def image_embeds(self, path) -> torch.Tensor:
-        return self.m.bridge(self.m.vision(self.pixels(path)))[0]
-
-    def prompt_text(self, turns: list[tuple[str, str | None]]) -> str:
-        """Vicuna v0 SINGLE style; the first question carries the image message."""
-        p = self.prompt
-        text = p["system"] + p["sep"]
-        for i, (question, answer) in enumerate(turns):
-            q = f"{p['image_message']} {question}" if i == 0 else question
-            text += p["roles"][0] + q + p["sep"] + p["roles"][1]
-            if answer is not None:
-                text = text + answer + p["sep"]
-        return text
+        dtype = next(self.m.image.parameters()).dtype
+        return self.m.image(self.pixels(path).to(dtype))[0]
 
     @torch.no_grad()
     def context(self, image, turns) -> torch.Tensor:
-        seg0, seg1 = self.prompt_text(turns).split(self.prompt["image_placeholder"])
-        ids0 = torch.tensor([[1] + self.sp.EncodeAsIds(seg0)])  # BOS on the first segment only
-        ids1 = torch.tensor([self.sp.EncodeAsIds(seg1)])
+        before, after = self.prompt_ids(turns)
         emb = self.m.embed
-        return torch.cat([emb(ids0)[0], self.image_embeds(image), emb(ids1)[0]])
+        return torch.cat([emb(torch.tensor([before]))[0], self.image_embeds(image), emb(torch.tensor([after]))[0]])
 
     @torch.no_grad()
     def logits(self, embeds: torch.Tensor) -> torch.Tensor:
@@ -76,3 +71,97 @@ class TorchReference:
             margins.append(float(top[0] - top[1]))
             embeds = torch.cat([embeds, self.m.embed(torch.tensor([[tok]]))[0]])
         return tokens, margins
+
+
+def _normalize(x: torch.Tensor, step: dict) -> torch.Tensor:
+    mean = torch.tensor(step["mean"])[:, None, None]
+    std = torch.tensor(step["std"])[:, None, None]
+    return ((x - mean) / std)[None]
+
+
+class MiniGPT4Reference(TorchReference):
+    """Blip2ImageEvalProcessor; Vicuna v0 SINGLE-style prompt, each side of ``<ImageHere>``
+    tokenized on its own with BOS on the first only."""
+
+    def __init__(self, modules, manifest: dict):
+        import sentencepiece as spm
+
+        super().__init__(modules, manifest)
+        self.sp = spm.SentencePieceProcessor(model_proto=modules.tokenizer)
+
+    def pixels(self, path) -> torch.Tensor:
+        size = self.pre["resize"]["size"]
+        img = Image.open(path).convert("RGB").resize(tuple(size), Image.BICUBIC)
+        x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)
+        return _normalize(x, self.pre["normalize"])
+
+    def prompt_text(self, turns: list[tuple[str, str | None]]) -> str:
+        """The first question carries the image message."""
+        p = self.prompt
+        text = p["system"] + p["sep"]
+        for i, (question, answer) in enumerate(turns):
+            q = f"{p['image_message']} {question}" if i == 0 else question
+            text += p["roles"][0] + q + p["sep"] + p["roles"][1]
+            if answer is not None:
+                text = text + answer + p["sep"]
+        return text
+
+    def prompt_ids(self, turns) -> list[list[int]]:
+        seg0, seg1 = self.prompt_text(turns).split(self.prompt["image_placeholder"])
+        return [[1] + self.sp.EncodeAsIds(seg0), self.sp.EncodeAsIds(seg1)]
+
+
+class LlavaReference(TorchReference):
+    """LLaVA-1.5's evaluation: ``expand2square`` with the mean colour, then transformers'
+    CLIPImageProcessor; the ``vicuna_v1``/``llava_v1`` prompt (FastChat SEP_STYLE.TWO) with
+    ``"<image>\\n"`` before the first question; ``tokenizer_image_token`` over transformers'
+    LlamaTokenizer (each chunk tokenized with BOS, later chunks' BOS dropped)."""
+
+    def __init__(self, modules, manifest: dict):
+        import transformers as T
+
+        super().__init__(modules, manifest)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "tokenizer.model").write_bytes(modules.tokenizer)
+            self.tok = T.LlamaTokenizer.from_pretrained(tmp, legacy=bool(self.prompt.get("legacy", False)),
+                                                        add_bos_token=True, add_eos_token=False)
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        size, norm = self.pre["resize_shortest"]["size"], self.pre["normalize"]
+        self.processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size=self.pre["center_crop"]["size"],
+                                               image_mean=norm["mean"], image_std=norm["std"])
+
+    def pixels(self, path) -> torch.Tensor:
+        img = Image.open(path).convert("RGB")
+        if "pad_to_square" in self.pre:  # LLaVA's expand2square
+            w, h = img.size
+            square = Image.new("RGB", (max(w, h),) * 2, tuple(self.pre["pad_to_square"]["fill"]))
+            square.paste(img, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+            img = square
+        return torch.from_numpy(self.processor(img, return_tensors="np")["pixel_values"])
+
+    def prompt_text(self, turns: list[tuple[str, str | None]]) -> str:
+        p = self.prompt
+        text = p["system"] + p["sep"]
+        for i, (question, answer) in enumerate(turns):
+            q = "<image>\n" + question if i == 0 else question
+            text += f"{p['roles'][0]}: {q}{p['sep']}{p['roles'][1]}:"
+            if answer is not None:
+                text += f" {answer}{p['sep2']}"
+        return text
+
+    def prompt_ids(self, turns) -> list[list[int]]:
+        chunks = [self.tok(c).input_ids for c in self.prompt_text(turns).split("<image>")]
+        offset = int(chunks[0][:1] == [self.tok.bos_token_id])
+        return [chunks[0], *(c[offset:] for c in chunks[1:])]
+
+
+REFERENCES = {"minigpt4": MiniGPT4Reference, "llava15": LlavaReference}
+
+
+def make_reference(modules, manifest: dict) -> TorchReference:
+    """The reference pipeline of the bundle's family."""
+    family = manifest.get("family")
+    if family not in REFERENCES:
+        raise InputError(f"no PyTorch reference pipeline for {family} bundles (available: {', '.join(REFERENCES)})")
+    return REFERENCES[family](modules, manifest)

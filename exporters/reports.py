@@ -10,8 +10,10 @@ the first step where those choices differ, so one forward pass per case suffices
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import tempfile
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from .golden import thresholds_for
 from .verify import E2E_THRESHOLDS, Metrics, compare, judge
 
 DEFAULT_PROMPTS = ("Describe this image in detail.", "What is unusual about this picture?")
+DEFAULT_FOLLOW_UPS = ("Which colours stand out?",)  # a second turn: cache reuse and the history's layout
 
 
 @dataclass
@@ -42,9 +45,6 @@ def reference_source(bundle, checkpoint: Path | None = None) -> ReferenceSource:
     """The recipe and export options that rebuild the bundle's torch modules."""
     m = bundle.manifest
     recipe = get_recipe(m["family"])
-    if not hasattr(recipe, "build_modules"):  # the torch reference pipeline exists for MiniGPT-4 only
-        raise InputError(f"--reference and --baseline torch are not available for {m['family']} bundles yet; "
-                         "`vlm2om verify --golden` checks every subgraph of them")
     opts = dict((m.get("provenance") or {}).get("options") or {})
     if checkpoint is not None:
         if not Path(checkpoint).is_dir():
@@ -53,13 +53,23 @@ def reference_source(bundle, checkpoint: Path | None = None) -> ReferenceSource:
     elif opts.get("checkpoint") and not Path(opts["checkpoint"]).is_dir():
         raise InputError(f"bundle '{bundle.root}' was exported from checkpoint '{opts['checkpoint']}', which is "
                          "not here: pass --reference CHECKPOINT (or verify with --golden)")
-    fields = recipe.ExportOptions.__dataclass_fields__
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items() if k in fields}
+    hints = typing.get_type_hints(recipe.ExportOptions)
+    kw = {k: _option(hints[k], v) for k, v in opts.items() if k in hints}
     if kw.get("checkpoint"):
         kw["checkpoint"] = Path(kw["checkpoint"])
     label = f"checkpoint {kw['checkpoint']}" if kw.get("checkpoint") else \
         f"preset {kw.get('preset')} (seed {kw.get('seed', 0)})"
     return ReferenceSource(recipe, recipe.ExportOptions(**kw), tuple(opts.get("batch_gears") or ()), label)
+
+
+def _option(hint, value):
+    """A provenance value as the option's type: lists back to tuples, dicts to their config dataclass."""
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, dict):
+        (cls,) = [t for t in typing.get_args(hint) or (hint,) if dataclasses.is_dataclass(t)]
+        return cls(**value)
+    return value
 
 
 def verify_subgraphs(bundle, source: ReferenceSource, backend: str = "ort", thresholds: dict | None = None,
@@ -110,6 +120,7 @@ class CaseResult:
     case: int
     image: str
     prompt: str
+    turn: int  # 1: the first question; 2, 3...: follow-ups in the same conversation
     prompt_tokens: int
     steps: list[StepRow] = field(default_factory=list)
     passed: bool = False
@@ -141,46 +152,68 @@ def default_images(folder: Path) -> list[Path]:
 
 
 def verify_end_to_end(bundle, source: ReferenceSource, images: list[Path], prompts: list[str],
-                      new_tokens: int = 16, backend: str = "ort", **backend_options) -> list[CaseResult]:
-    """Every image x prompt: per-step logits cosine and greedy agreement with the reference."""
+                      follow_ups: list[str] = (), new_tokens: int = 16, backend: str = "ort",
+                      **backend_options) -> list[CaseResult]:
+    """Every image x prompt, then each follow-up in the same conversation: per turn, the prompt's
+    token ids, per-step logits cosine and greedy agreement with the reference."""
     from runtime.generation import GenerationConfig
     from runtime.pipeline import VisionChatPipeline
 
-    from .reference import TorchReference
+    from .reference import make_reference
 
     limits = (bundle.manifest.get("verification") or {}).get("end_to_end") or \
         E2E_THRESHOLDS[thresholds_for(bundle, backend)[0]]
     mods = source.recipe.build_modules(source.options)
-    make_ref = getattr(source.recipe, "reference", TorchReference)
-    ref = make_ref(mods, bundle.manifest)
+    ref = make_reference(mods, bundle.manifest)
     pipe = VisionChatPipeline(bundle, backend, **backend_options)
     cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, stop_on_eos=False, stop_strings=())
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        images = [Path(p) for p in images] or default_images(Path(tmp))
-        for image in images:
-            for prompt in prompts:
-                recorded: list[np.ndarray] = []
-                pipe.decoder.on_logits = recorded.append
-                chat = pipe.chat(image)
-                for _ in chat.ask(prompt, cfg):
-                    pass
-                res = CaseResult(len(results), str(image), prompt, chat.last.prompt_tokens)
-                results.append(res)
-                _judge_case(res, ref, mods, image, prompt, chat.last.tokens, recorded, limits)
-    pipe.decoder.on_logits = None
-    pipe.close()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for image in [Path(p) for p in images] or default_images(Path(tmp)):
+                for prompt in prompts:
+                    chat, turns = pipe.chat(image), []
+                    for turn, question in enumerate([prompt, *follow_ups], 1):
+                        recorded: list[np.ndarray] = []
+                        pipe.decoder.on_logits = recorded.append
+                        for _ in chat.ask(question, cfg):
+                            pass
+                        turns.append((question, None))
+                        res = CaseResult(len(results), str(image), question, turn, chat.last.prompt_tokens)
+                        results.append(res)
+                        prompt_keys = chat.cached_keys[:chat.last.prompt_tokens]
+                        _judge_case(res, ref, image, turns, prompt_keys, chat.last.tokens, recorded, limits)
+                        turns[-1] = (question, chat.last.text)  # the history the next turn renders
+    finally:
+        pipe.decoder.on_logits = None
+        pipe.close()
     return results
 
 
+def _split_at_images(keys: list) -> list[list[int]]:
+    """The bundle's prompt (token ids, and (image, row) for image positions) as text segments."""
+    segments: list[list[int]] = [[]]
+    for prev, k in zip([None, *keys], keys):
+        if isinstance(k, int):
+            segments[-1].append(k)
+        elif not isinstance(prev, tuple):
+            segments.append([])
+    return segments
+
+
 @torch.no_grad()
-def _judge_case(res: CaseResult, ref, mods, image, prompt, tokens, recorded, limits) -> None:
-    context = ref.context(image, [(prompt, None)])
-    if len(context) != res.prompt_tokens:
-        res.reason = (f"prompt layouts differ: the bundle has {res.prompt_tokens} positions, "
-                      f"the reference {len(context)}")
+def _judge_case(res: CaseResult, ref, image, turns, prompt_keys, tokens, recorded, limits) -> None:
+    ours, theirs = _split_at_images(prompt_keys), ref.prompt_ids(turns)
+    if ours != theirs:
+        seg = next(i for i, (a, b) in enumerate(zip(ours + [[]] * 2, theirs + [[]] * 2)) if a != b)
+        at = next((i for i, (a, b) in enumerate(zip(ours[seg], theirs[seg])) if a != b),
+                  min(len(ours[seg]), len(theirs[seg])))
+        side = "before" if seg == 0 else "after"
+        res.reason = (f"prompt tokens differ {side} the image at text position {at}: bundle "
+                      f"{ours[seg][at:at + 6]}..., reference {theirs[seg][at:at + 6]}...")
         return
-    follow = mods.embed(torch.tensor([tokens[:-1]], dtype=torch.long))[0] if len(tokens) > 1 else context[:0]
+    context = ref.context(image, turns)
+    follow = ref.m.embed(torch.tensor([tokens[:-1]], dtype=torch.long))[0] if len(tokens) > 1 else context[:0]
     logits = ref.logits(torch.cat([context, follow.to(context.dtype)])).float().numpy()[len(context) - 1:]
     for t, (tok, got, want) in enumerate(zip(tokens, recorded, logits)):
         top = np.sort(want)[-2:]

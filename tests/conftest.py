@@ -1,4 +1,4 @@
-"""Shared fixtures: one tiny MiniGPT-4 bundle per test session, and its torch modules."""
+"""Shared fixtures: tiny MiniGPT-4 and LLaVA-1.5 bundles, built once per test session, and torch modules."""
 from __future__ import annotations
 
 import pytest
@@ -48,4 +48,17 @@ def tiny_batch_bundle(tmp_path_factory, tiny_opts):
     out = tmp_path_factory.mktemp("bundles") / "minigpt4-tiny-batch"
     write_bundle(minigpt4.plan(tiny_opts), out, echo=lambda s: None,
                  extras=ExportExtras(golden=True, batch_gears=(1, 2, 4)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def llava_batch_bundle(tmp_path_factory):
+    """The tiny LLaVA-1.5 bundle with golden files and batch gears 1, 2."""
+    from exporters import llava
+    from exporters.export import write_bundle
+    from exporters.export_extras import ExportExtras
+
+    out = tmp_path_factory.mktemp("bundles") / "llava15-tiny-batch"
+    write_bundle(llava.plan(llava.ExportOptions(preset="tiny")), out, echo=lambda s: None,
+                 extras=ExportExtras(golden=True, batch_gears=(1, 2)))
     return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from exporters.reference import TorchReference
+from exporters.reference import MiniGPT4Reference
 from runtime import GenerationConfig, open_bundle
 
 NEW_TOKENS = 40
@@ -21,7 +21,7 @@ def _first_mismatch(a, b):
 
 def test_greedy_tokens_match_torch_reference(tiny_bundle, tiny_modules, sample_image):
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
-    ref = TorchReference(tiny_modules, manifest)
+    ref = MiniGPT4Reference(tiny_modules, manifest)
     question = "Describe this image in detail."
     expected, margins = ref.greedy(sample_image, [(question, None)], NEW_TOKENS)
 
@@ -43,7 +43,7 @@ def test_greedy_tokens_match_torch_reference(tiny_bundle, tiny_modules, sample_i
 
 def test_second_turn_matches_reference_and_reuses_cache(tiny_bundle, tiny_modules, sample_image):
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
-    ref = TorchReference(tiny_modules, manifest)
+    ref = MiniGPT4Reference(tiny_modules, manifest)
     chat = open_bundle(tiny_bundle).chat(sample_image)
     cfg = GREEDY.but(max_new_tokens=8)
     list(chat.ask("What is it?", cfg))

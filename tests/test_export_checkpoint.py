@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from test_minigpt4_checkpoints import EVA, QF, _modules, _write_dir
 
 from exporters import minigpt4
 from exporters.checkpoints import CheckpointError
+from exporters.cli import main
 from exporters.export import write_bundle
 from exporters.tiny_tokenizer import build_tiny_tokenizer
 from runtime.bundle import Bundle
@@ -67,6 +69,13 @@ def test_checkpoint_folder_exports_the_same_numbers(tmp_path, fmt, dtype):
             {"hidden_states": hidden, "past_kv": np.zeros((2, 2, 1, 2, 16, 8), npdt), **feeds})
         hidden = out.get("hidden_states_out")
     _close(out["logits"], logits.numpy(), dtype, atol=1e-4)
+
+    # verify --reference rebuilds the modules from the provenance, EVA's and the Q-Former's
+    # head counts (which no weight shape tells) included.
+    assert bundle.manifest["provenance"]["options"]["vision"]["heads"] == EVA.heads
+    r = CliRunner().invoke(main, ["verify", str(bundle.root), "--reference", "--no-e2e", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "PASS: 13 subgraph outputs" in r.output
 
 
 def test_bad_checkpoint_leaves_no_bundle(tmp_path):

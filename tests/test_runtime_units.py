@@ -75,11 +75,11 @@ def test_detokenizer_matches_sentencepiece(tiny_bundle):
 def test_preprocess_matches_torch_reference(tiny_bundle, tiny_modules, sample_image):
     import json
 
-    from exporters.reference import TorchReference
+    from exporters.reference import MiniGPT4Reference
 
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     ours = preprocess(sample_image, manifest["preprocess"]["steps"])
-    ref = TorchReference(tiny_modules, manifest).pixels(sample_image).numpy()
+    ref = MiniGPT4Reference(tiny_modules, manifest).pixels(sample_image).numpy()
     assert ours.shape == (1, 3, 224, 224) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)
 

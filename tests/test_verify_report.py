@@ -100,11 +100,13 @@ def test_reference_verify_end_to_end(tiny_batch_bundle, tmp_path, sample_image):
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "verify_minigpt4.json").read_text())
     assert report["mode"] == "reference" and report["passed"]
-    (case,) = report["end_to_end"]
-    assert case["greedy_agreement"] == case["steps"] == 8
-    assert case["min_cosine"] >= E2E_THRESHOLDS["float32"]["logits_cosine"]
+    cases = report["end_to_end"]
+    assert [c["turn"] for c in cases] == [1, 2]  # the default follow-up, in the same conversation
+    for case in cases:
+        assert case["greedy_agreement"] == case["steps"] == 8
+        assert case["min_cosine"] >= E2E_THRESHOLDS["float32"]["logits_cosine"]
     steps = _rows(tmp_path / "verify_minigpt4_e2e.csv")
-    assert len(steps) == 8 and all(s["token"] == s["reference_token"] for s in steps)
+    assert len(steps) == 16 and all(s["token"] == s["reference_token"] for s in steps)
 
 
 def test_reference_verify_catches_a_perturbed_graph(tiny_batch_bundle, tmp_path, sample_image):

@@ -1,0 +1,108 @@
+"""The PyTorch reference pipelines behind `verify --reference` and `bench --baseline torch`, for
+every family: LLaVA-1.5 end to end over two turns, a damaged graph and a wrong prompt layout
+caught, transformers' Llama carrying the bundle's weights, and the torch baseline's CSV."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from test_verify_report import _copy, perturb
+
+from exporters.bench_torch import hf_llama
+from exporters.cli import main
+from exporters.reference import LlavaReference, MiniGPT4Reference
+from runtime import prompts as runtime_prompts
+from runtime.bench import SEED_COLUMNS
+from runtime.errors import InputError
+
+VERIFY = ["--prompt", "What is it?", "--new-tokens", "6"]
+
+
+def _verify(bundle, tmp_path, sample_image, *extra):
+    return CliRunner().invoke(main, ["verify", str(bundle), "--reference", "--image", str(sample_image), *VERIFY,
+                                     "--out", str(tmp_path), *extra])
+
+
+def test_llava_reference_verify_over_two_turns(llava_batch_bundle, tmp_path, sample_image):
+    r = _verify(llava_batch_bundle, tmp_path, sample_image)
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "verify_llava15.json").read_text())
+    assert report["passed"]
+    assert {s["graph"] for s in report["subgraphs"]} == {"vision", "projector", "embed", "decoder_0", "decoder_1"}
+    first, second = report["end_to_end"]
+    assert (first["turn"], second["turn"]) == (1, 2) and second["prompt"] == "Which colours stand out?"
+    # The second prompt holds the first question, its 6-token answer and the follow-up.
+    assert second["prompt_tokens"] > first["prompt_tokens"] + 6
+    for case in (first, second):
+        assert case["greedy_agreement"] == case["steps"] == 6 and case["min_cosine"] > 0.99999
+
+
+def test_llava_reference_catches_a_damaged_projector(llava_batch_bundle, tmp_path, sample_image):
+    bundle = _copy(llava_batch_bundle, tmp_path)
+    perturb(bundle, "projector", scale=2.0)
+    r = _verify(bundle, tmp_path, sample_image, "--single-turn")
+    assert r.exit_code == 1
+    assert "FAIL subgraph(s) projector" in r.output and "FAIL end-to-end case 0" in r.output
+
+
+def test_a_wrong_follow_up_layout_is_named(llava_batch_bundle, tmp_path, sample_image, monkeypatch):
+    """A runtime that put SentencePiece's dummy prefix after "</s>" (legacy tokenization, which
+    LLaVA-1.5's tokenizer does not use) is caught on the second turn, not the first."""
+    monkeypatch.setattr(runtime_prompts, "_no_dummy_prefix", lambda tokenizer: tokenizer.sp)
+    r = _verify(llava_batch_bundle, tmp_path, sample_image)
+    assert r.exit_code == 1
+    assert "turn 2" in r.output and "prompt tokens differ after the image" in r.output
+    first, second = json.loads((tmp_path / "verify_llava15.json").read_text())["end_to_end"]
+    assert first["passed"] and not second["passed"]
+
+
+def test_llava_reference_tokenizes_with_transformers(llava_batch_bundle):
+    """The reference's ids come from transformers' LlamaTokenizer, not the runtime: its legacy flag
+    changes the text right after "</s>", and nothing else."""
+    from exporters.llava import ExportOptions, build_modules
+
+    manifest = json.loads((llava_batch_bundle / "manifest.json").read_text())
+    mods = build_modules(ExportOptions(preset="tiny"))
+    turns = [("What is it?", "A cat"), ("Why?", None)]
+    ours = LlavaReference(mods, manifest).prompt_ids(turns)
+    legacy = LlavaReference(mods, {**manifest, "prompt": {**manifest["prompt"], "legacy": True}}).prompt_ids(turns)
+    eos = manifest["tokenizer"]["eos_id"]
+    assert ours[0] == legacy[0] and ours[0][0] == manifest["tokenizer"]["bos_id"]
+    at = ours[1].index(eos) + 1
+    assert ours[1][:at] == legacy[1][:at] and ours[1][at:] != legacy[1][at:]
+    assert eos not in ours[0] and ours[1].count(eos) == 1
+
+
+def test_transformers_llama_carries_the_bundle_weights(tiny_modules, tiny_bundle):
+    """The baseline's LlamaForCausalLM gives the logits of our own decoder groups."""
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    embeds = torch.randn(1, 21, tiny_modules.llama.hidden, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = hf_llama(tiny_modules)(inputs_embeds=embeds).logits[0]
+    ours = MiniGPT4Reference(tiny_modules, manifest).logits(embeds[0])
+    assert float((theirs - ours).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("bundle, model, length", [("tiny_batch_bundle", "minigpt4", 125),
+                                                   ("llava_batch_bundle", "llava15", 160)])
+def test_bench_baseline_torch(bundle, model, length, request, tmp_path):
+    path = request.getfixturevalue(bundle)
+    r = CliRunner().invoke(main, ["bench", str(path), "--batch", "1,2", "--input-lengths", str(length),
+                                  "--output-lengths", "5", "--baseline", "torch", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "greedy tokens equal to torch's: 15/15" in r.output  # 5 tokens at batch 1, 2 x 5 at batch 2
+    for batch in (1, 2):
+        with open(tmp_path / f"{batch}_batch_performance_{model}_torch.csv") as f:
+            header, row = list(csv.reader(f))
+        assert header[:len(SEED_COLUMNS)] == SEED_COLUMNS and int(float(row[0])) == batch
+
+
+def test_unknown_family_has_no_reference(tiny_modules, tiny_bundle):
+    from exporters.reference import make_reference
+
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    with pytest.raises(InputError, match="no PyTorch reference pipeline for vlmo bundles"):
+        make_reference(tiny_modules, {**manifest, "family": "vlmo"})
