@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from runtime.bench import BenchCase, BenchRow, PeakMemory
+from runtime.errors import InputError
 
 from .bench_report import BaselineRow
 from .reports import reference_source
@@ -30,7 +31,11 @@ LEAVES = ["input_layernorm.weight", "post_attention_layernorm.weight",
 
 def hf_llama(mods, dtype: torch.dtype = torch.float32):
     """LlamaForCausalLM carrying our weights; every parameter on both sides is mapped exactly once."""
-    import transformers as T
+    try:
+        import transformers as T
+    except ImportError as e:
+        raise InputError(f"bench --baseline torch runs transformers' LlamaForCausalLM ({e}): "
+                         "pip install 'vlm2om[reference]'") from None
 
     c = mods.llama
     hf = T.LlamaForCausalLM(T.LlamaConfig(

@@ -14,6 +14,7 @@ import click
 from runtime.errors import Vlm2omError
 
 from .cli_common import int_list
+from .verify_e2e import DEFAULT_FOLLOW_UPS, DEFAULT_PROMPTS
 
 
 def _backend_options(f):
@@ -59,7 +60,7 @@ def _session_options(backend, device_id, threads) -> dict:
 @click.option("--single-turn", is_flag=True, help="No follow-up questions: one turn per case.")
 @click.option("--new-tokens", type=click.IntRange(min=1), default=16, show_default=True,
               help="Greedy tokens generated per end-to-end case.")
-@click.option("--no-e2e", is_flag=True, help="With --reference: only the per-subgraph comparison.")
+@click.option("--no-e2e", is_flag=True, help="Only the per-subgraph comparison.")
 def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompts, follow_ups, single_turn, new_tokens,
            no_e2e, backend, device_id, threads, no_hash_check, out_dir):
     """Precision report of BUNDLE: per subgraph max/mean abs error, cosine similarity and relative
@@ -67,7 +68,7 @@ def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompt
     logits cosine and greedy agreement end to end, over a first question and its follow-ups. Writes verify_<model>.csv/.json; exits 1 on a failure."""
     from runtime.report import format_table, write_csv, write_json
 
-    from .golden import thresholds_label, verify_golden
+    from .golden import thresholds_label, verify_golden, verify_golden_e2e
 
     try:
         if golden and reference is not None:
@@ -85,10 +86,14 @@ def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompt
         if golden:
             click.echo(f"verifying {bundle} on {backend} against its golden file ...")
             rows = verify_golden(b, backend, limits, list(graphs) or None, **session)
+            if not graphs and not no_e2e:
+                cases = verify_golden_e2e(b, backend, **session)
+                missing = b.manifest["verification"]["golden"].get("end_to_end_missing")
+                if missing:
+                    click.echo(f"the golden file has no end-to-end case: {missing}")
         else:
             try:
-                from .reports import (DEFAULT_FOLLOW_UPS, DEFAULT_PROMPTS, reference_source, verify_end_to_end,
-                                      verify_subgraphs)
+                from .reports import reference_source, verify_end_to_end, verify_subgraphs
             except ImportError as e:
                 raise click.ClickException(f"verify --reference needs torch ({e}); on a box without torch "
                                            "verify with --golden (export the bundle with --golden)") from None
@@ -123,7 +128,8 @@ def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompt
             if bad:
                 click.echo(f"FAIL subgraph(s) {', '.join(bad)} of {bundle} miss the thresholds", err=True)
             sys.exit(1)
-        click.echo(f"PASS: {len(rows)} subgraph outputs" + (f", {len(cases)} end-to-end cases" if cases else ""))
+        plural = "s" * (len(cases) != 1)
+        click.echo(f"PASS: {len(rows)} subgraph outputs" + (f", {len(cases)} end-to-end case{plural}" if cases else ""))
     except Vlm2omError as e:
         raise click.ClickException(str(e)) from None
 
@@ -135,8 +141,10 @@ def _report_cases(cases, out_dir: Path, model: str, payload: dict) -> None:
     table = [[c.case, Path(c.image).name, c.turn, c.prompt, c.prompt_tokens, len(c.steps),
               f"{c.agreed}/{len(c.steps)}", c.min_cosine, "ok" if c.passed else "FAIL"] for c in cases]
     click.echo(format_table(heads, table, digits=6))
-    step_heads = ["case", "step", "token", "reference_token", "cosine", "reference_margin"]
-    steps = [[s.case, s.step, s.token, s.reference_token, s.cosine, s.margin] for c in cases for s in c.steps]
+    # token: the bundle's greedy token, or with --golden the stored answer's token it was fed
+    step_heads = ["case", "step", "token", "bundle_greedy", "reference_token", "cosine", "reference_margin"]
+    steps = [[s.case, s.step, s.token, s.bundle_token if s.bundle_token >= 0 else s.token, s.reference_token,
+              s.cosine, s.margin] for c in cases for s in c.steps]
     write_csv(out_dir / f"verify_{model}_e2e.csv", step_heads, steps)
     payload["end_to_end"] = [{"case": c.case, "image": c.image, "turn": c.turn, "prompt": c.prompt,
                               "prompt_tokens": c.prompt_tokens,

@@ -26,6 +26,7 @@ from runtime.errors import InputError
 from . import atc
 from .export_extras import ExportExtras, apply_batch_gears, verification_entry
 from .golden import GoldenWriter
+from .golden_trace import EndToEndTrace
 from .onnx_export import OPSET, export_onnx
 from .subgraph import Subgraph
 from .verify import judge, raise_on_failures
@@ -162,6 +163,7 @@ def write_bundle(plan: ExportPlan, out: Path, echo: Callable[[str], None] = prin
     graphs: dict[str, dict] = {}
     with staging_dir(Path(out)) as tmp:
         golden = GoldenWriter(tmp) if extras.golden else None
+        trace = EndToEndTrace(plan, echo) if extras.golden else None
         for i, sg in enumerate(plan.subgraphs, 1):
             t1 = time.perf_counter()
             echo(f"[{i}/{n}] {sg.name}: loading weights ...")
@@ -169,6 +171,8 @@ def write_bundle(plan: ExportPlan, out: Path, echo: Callable[[str], None] = prin
             echo(f"[{i}/{n}] {sg.name}: exporting to ONNX (opset {OPSET}, {plan.dtype}) ...")
             files = export_onnx(sg, module, tmp, simplify=simplify)
             cases = torch_outputs(sg, module)
+            if trace:
+                trace.feed(sg.name, module)
             del module  # one graph's weights in memory: torch's copy goes before onnxruntime's
             gc.collect()
             rows = verify_graph(sg, files[0], cases, plan.dtype)
@@ -182,6 +186,10 @@ def write_bundle(plan: ExportPlan, out: Path, echo: Callable[[str], None] = prin
             echo(f"[{i}/{n}] {sg.name}: {size:.1f} MiB verified in {time.perf_counter() - t1:.1f}s "
                  f"(peak memory so far {peak_rss_gib():.2f} GiB)")
         keep_dtype = _lint(tmp, graphs, echo, keep_going)
+        if trace and trace.arrays():
+            golden.add_end_to_end(trace.entry(), trace.arrays())
+        elif trace:
+            golden.end_to_end_missing = trace.skipped
         golden_entry = golden.close() if golden else None
         for name, content in plan.assets.items():
             (tmp / name).write_bytes(content)

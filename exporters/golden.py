@@ -16,7 +16,8 @@ import numpy as np
 from runtime.backends import open_session
 from runtime.errors import BundleError
 
-from .verify import THRESHOLDS, Metrics, judge
+from .verify import E2E_THRESHOLDS, THRESHOLDS, Metrics, judge
+from .verify_e2e import CaseResult, judge_steps, layout_difference
 
 GOLDEN_FILE = "golden.npz"
 # ATC precision modes that keep a float32 graph in float32; any other computes in fp16.
@@ -31,6 +32,8 @@ class GoldenWriter:
         self.path = Path(folder) / GOLDEN_FILE
         self._zip = zipfile.ZipFile(self.path, "w", zipfile.ZIP_STORED, allowZip64=True)
         self.graphs: dict[str, list[dict]] = {}
+        self.end_to_end: list[dict] = []
+        self.end_to_end_missing = ""  # why there is no end-to-end case, when there is none
 
     def _put(self, key: str, array: np.ndarray) -> None:
         with self._zip.open(key + ".npy", "w", force_zip64=True) as f:
@@ -49,10 +52,20 @@ class GoldenWriter:
             entries.append({"key": key, "gear": {k: v for k, v in gear.items() if k in dynamic_dims}})
         self.graphs[graph] = entries
 
+    def add_end_to_end(self, entry: dict, arrays: dict[str, np.ndarray]) -> None:
+        """One end-to-end case (``golden_trace``): image, prompt ids, answer, reference logits."""
+        key = f"e2e/{len(self.end_to_end)}"
+        for name, array in arrays.items():
+            self._put(f"{key}/{name}", array)
+        self.end_to_end.append({"key": key, **entry})
+
     def close(self) -> dict:
         """Finish the file; return the manifest's ``verification.golden`` entry."""
         self._zip.close()
-        return {"file": GOLDEN_FILE, "graphs": self.graphs}
+        entry = {"file": GOLDEN_FILE, "graphs": self.graphs, "end_to_end": self.end_to_end}
+        if self.end_to_end_missing:
+            entry["end_to_end_missing"] = self.end_to_end_missing
+        return entry
 
 
 def thresholds_for(bundle, backend: str) -> tuple[str, dict]:
@@ -69,6 +82,14 @@ def thresholds_for(bundle, backend: str) -> tuple[str, dict]:
     if dtype not in table:
         raise BundleError(f"bundle '{bundle.root}': no verification thresholds for dtype '{dtype}'")
     return dtype, dict(table[dtype])
+
+
+def e2e_limits(bundle, backend: str) -> dict:
+    """End-to-end thresholds: the manifest's for its own dtype, the float16 ones on OM files
+    that ATC compiled in an fp16 precision mode."""
+    dtype = thresholds_for(bundle, backend)[0]
+    v = bundle.manifest.get("verification") or {}
+    return dict(v["end_to_end"]) if v.get("end_to_end") and v.get("dtype") == dtype else dict(E2E_THRESHOLDS[dtype])
 
 
 def thresholds_label(bundle, backend: str, overrides: dict | None = None) -> str:
@@ -123,3 +144,45 @@ def _load(store, path: Path, graph: str, key: str) -> np.ndarray:
         return store[key]
     except KeyError:
         raise BundleError(f"golden file '{path}' lacks '{key}' for graph '{graph}'") from None
+
+
+def verify_golden_e2e(bundle, backend: str = "ort", **backend_options) -> list[CaseResult]:
+    """Each stored end-to-end case through the bundle as a user runs it: the runtime's
+    preprocessing, prompt and tokenizer, the image graphs, prefill and KV-cache decode fed the
+    stored answer, against the reference logits the export recorded."""
+    from PIL import Image
+
+    from runtime.pipeline import VisionChatPipeline
+    from runtime.prompts import Conversation, tokenize_prompt
+
+    entry = golden_entry(bundle)
+    if not entry.get("end_to_end"):
+        return []
+    path, limits = bundle.path(entry["file"]), e2e_limits(bundle, backend)
+    pipe = VisionChatPipeline(bundle, backend, **backend_options)
+    dec, results = pipe.decoder, []
+    try:
+        with np.load(path, allow_pickle=False) as store:
+            for i, case in enumerate(entry["end_to_end"]):
+                def get(name, key=case["key"]):
+                    return _load(store, path, "end-to-end", f"{key}/{name}")
+
+                conv = Conversation(pipe.prompt)
+                conv.add_image()
+                conv.ask(case["prompt"])
+                before, after = tokenize_prompt(pipe.tokenizer, conv.segments(), pipe.prompt)
+                image = pipe.encode_image(Image.fromarray(get("image")))
+                res = CaseResult(i, "golden image", case["prompt"], 1, len(before) + len(image) + len(after))
+                results.append(res)
+                res.reason = layout_difference([before, after], [get("prompt_before").tolist(),
+                                                                 get("prompt_after").tolist()])
+                if res.reason:
+                    continue
+                answer = get("answer").tolist()
+                cache = dec.new_cache()
+                ours = [dec.forward(np.concatenate([dec.embed(before), image, dec.embed(after)]), cache)]
+                ours += [dec.forward(dec.embed([t]), cache) for t in answer[:-1]]
+                judge_steps(res, answer, ours, get("logits"), limits, forced=True)
+    finally:
+        pipe.close()
+    return results

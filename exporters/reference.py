@@ -24,16 +24,22 @@ from runtime.errors import InputError
 class TorchReference:
     """What every family shares: image embeddings, full-recompute logits, greedy decoding."""
 
-    def __init__(self, modules, manifest: dict):
-        self.m = modules
+    def __init__(self, modules, manifest: dict, tokenizer: bytes | None = None):
+        self.m = modules  # None where only pixels and prompt ids are asked (export --golden)
+        self.tokenizer = tokenizer if tokenizer is not None else modules.tokenizer
         self.prompt = manifest["prompt"]
         self.pre = {s["op"]: s for s in manifest["preprocess"]["steps"]}
 
-    def pixels(self, path) -> torch.Tensor:
+    def pixels(self, image) -> torch.Tensor:
+        """An image (path or PIL) as the model's pixel_values [1, 3, H, W] float32."""
         raise NotImplementedError
 
     def prompt_ids(self, turns: list[tuple[str, str | None]]) -> list[list[int]]:
         """Token ids of the text before and after the image."""
+        raise NotImplementedError
+
+    def text_ids(self, text: str) -> list[int]:
+        """``text`` alone, as an answer's tokens (no BOS)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -51,11 +57,8 @@ class TorchReference:
     def logits(self, embeds: torch.Tensor) -> torch.Tensor:
         """Full recompute: [T, H] -> logits [T, V]."""
         x = embeds[None]
-        pos = torch.arange(x.shape[1])[None]
         for g in self.m.groups:
-            cfg = g.cfg
-            past = torch.zeros(g.stop - g.start, 2, 1, cfg.kv_heads, 0, cfg.head_dim, dtype=x.dtype)
-            x, _ = g(x, pos, torch.zeros(1, 0), past)
+            x = run_group(g, x)
         return x[0]
 
     @torch.no_grad()
@@ -73,6 +76,18 @@ class TorchReference:
         return tokens, margins
 
 
+@torch.no_grad()
+def run_group(group, x: torch.Tensor) -> torch.Tensor:
+    """A decoder group over a whole sequence [1, T, H] with an empty cache (causal attention only)."""
+    cfg = group.cfg
+    past = torch.zeros(group.stop - group.start, 2, 1, cfg.kv_heads, 0, cfg.head_dim, dtype=x.dtype)
+    return group(x, torch.arange(x.shape[1])[None], torch.zeros(1, 0), past)[0]
+
+
+def _rgb(image) -> Image.Image:
+    return (image if isinstance(image, Image.Image) else Image.open(image)).convert("RGB")
+
+
 def _normalize(x: torch.Tensor, step: dict) -> torch.Tensor:
     mean = torch.tensor(step["mean"])[:, None, None]
     std = torch.tensor(step["std"])[:, None, None]
@@ -83,15 +98,15 @@ class MiniGPT4Reference(TorchReference):
     """Blip2ImageEvalProcessor; Vicuna v0 SINGLE-style prompt, each side of ``<ImageHere>``
     tokenized on its own with BOS on the first only."""
 
-    def __init__(self, modules, manifest: dict):
+    def __init__(self, modules, manifest: dict, tokenizer: bytes | None = None):
         import sentencepiece as spm
 
-        super().__init__(modules, manifest)
-        self.sp = spm.SentencePieceProcessor(model_proto=modules.tokenizer)
+        super().__init__(modules, manifest, tokenizer)
+        self.sp = spm.SentencePieceProcessor(model_proto=self.tokenizer)
 
-    def pixels(self, path) -> torch.Tensor:
+    def pixels(self, image) -> torch.Tensor:
         size = self.pre["resize"]["size"]
-        img = Image.open(path).convert("RGB").resize(tuple(size), Image.BICUBIC)
+        img = _rgb(image).resize(tuple(size), Image.BICUBIC)
         x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)
         return _normalize(x, self.pre["normalize"])
 
@@ -110,6 +125,9 @@ class MiniGPT4Reference(TorchReference):
         seg0, seg1 = self.prompt_text(turns).split(self.prompt["image_placeholder"])
         return [[1] + self.sp.EncodeAsIds(seg0), self.sp.EncodeAsIds(seg1)]
 
+    def text_ids(self, text: str) -> list[int]:
+        return self.sp.EncodeAsIds(text)
+
 
 class LlavaReference(TorchReference):
     """LLaVA-1.5's evaluation: ``expand2square`` with the mean colour, then transformers'
@@ -117,22 +135,24 @@ class LlavaReference(TorchReference):
     ``"<image>\\n"`` before the first question; ``tokenizer_image_token`` over transformers'
     LlamaTokenizer (each chunk tokenized with BOS, later chunks' BOS dropped)."""
 
-    def __init__(self, modules, manifest: dict):
-        import transformers as T
-
-        super().__init__(modules, manifest)
+    def __init__(self, modules, manifest: dict, tokenizer: bytes | None = None):
+        try:
+            import transformers as T
+            from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+        except ImportError as e:
+            raise InputError(f"the LLaVA-1.5 reference tokenizes and preprocesses with transformers 5, as LLaVA "
+                             f"does ({e}): pip install 'vlm2om[reference]'") from None
+        super().__init__(modules, manifest, tokenizer)
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "tokenizer.model").write_bytes(modules.tokenizer)
+            (Path(tmp) / "tokenizer.model").write_bytes(self.tokenizer)
             self.tok = T.LlamaTokenizer.from_pretrained(tmp, legacy=bool(self.prompt.get("legacy", False)),
                                                         add_bos_token=True, add_eos_token=False)
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
         size, norm = self.pre["resize_shortest"]["size"], self.pre["normalize"]
         self.processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size=self.pre["center_crop"]["size"],
                                                image_mean=norm["mean"], image_std=norm["std"])
 
-    def pixels(self, path) -> torch.Tensor:
-        img = Image.open(path).convert("RGB")
+    def pixels(self, image) -> torch.Tensor:
+        img = _rgb(image)
         if "pad_to_square" in self.pre:  # LLaVA's expand2square
             w, h = img.size
             square = Image.new("RGB", (max(w, h),) * 2, tuple(self.pre["pad_to_square"]["fill"]))
@@ -155,13 +175,16 @@ class LlavaReference(TorchReference):
         offset = int(chunks[0][:1] == [self.tok.bos_token_id])
         return [chunks[0], *(c[offset:] for c in chunks[1:])]
 
+    def text_ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False).input_ids
+
 
 REFERENCES = {"minigpt4": MiniGPT4Reference, "llava15": LlavaReference}
 
 
-def make_reference(modules, manifest: dict) -> TorchReference:
-    """The reference pipeline of the bundle's family."""
+def make_reference(modules, manifest: dict, tokenizer: bytes | None = None) -> TorchReference:
+    """The reference pipeline of the bundle's family (``modules`` None: pixels and prompt ids only)."""
     family = manifest.get("family")
     if family not in REFERENCES:
         raise InputError(f"no PyTorch reference pipeline for {family} bundles (available: {', '.join(REFERENCES)})")
-    return REFERENCES[family](modules, manifest)
+    return REFERENCES[family](modules, manifest, tokenizer)

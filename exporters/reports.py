@@ -14,7 +14,7 @@ import dataclasses
 import gc
 import tempfile
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +26,10 @@ from runtime.errors import BundleError, InputError
 from . import get_recipe
 from .export import torch_outputs
 from .export_extras import apply_batch_gears
-from .golden import thresholds_for
-from .verify import E2E_THRESHOLDS, Metrics, compare, judge
+from .golden import e2e_limits, thresholds_for
+from .verify import Metrics, judge
+from .verify_e2e import CaseResult, judge_steps, layout_difference, split_at_images, synthetic_images
 
-DEFAULT_PROMPTS = ("Describe this image in detail.", "What is unusual about this picture?")
-DEFAULT_FOLLOW_UPS = ("Which colours stand out?",)  # a second turn: cache reuse and the history's layout
 
 
 @dataclass
@@ -105,49 +104,12 @@ def verify_subgraphs(bundle, source: ReferenceSource, backend: str = "ort", thre
     return rows
 
 
-@dataclass
-class StepRow:
-    case: int
-    step: int
-    token: int  # the bundle's greedy token
-    reference_token: int  # the reference's greedy choice in the same context
-    cosine: float
-    margin: float  # reference top-1 minus top-2 logit
-
-
-@dataclass
-class CaseResult:
-    case: int
-    image: str
-    prompt: str
-    turn: int  # 1: the first question; 2, 3...: follow-ups in the same conversation
-    prompt_tokens: int
-    steps: list[StepRow] = field(default_factory=list)
-    passed: bool = False
-    reason: str = ""
-
-    @property
-    def min_cosine(self) -> float:
-        return min((s.cosine for s in self.steps), default=float("nan"))
-
-    @property
-    def agreed(self) -> int:
-        """Leading greedy tokens the bundle and the reference share."""
-        return next((s.step for s in self.steps if s.token != s.reference_token), len(self.steps))
-
-
 def default_images(folder: Path) -> list[Path]:
-    """Two deterministic synthetic images (no files ship with an installed vlm2om)."""
     from PIL import Image
 
-    y, x = np.mgrid[0:256, 0:256] / 256
-    rng = np.random.default_rng(0)
-    pictures = [np.stack([x, y, 1 - x * y], -1), np.stack([np.sin(9 * x), np.cos(7 * y), x * 0 + 0.3], -1) ** 2]
-    paths = []
-    for i, rgb in enumerate(pictures):
-        rgb = np.clip(rgb + rng.normal(0, 0.04, rgb.shape), 0, 1)
-        paths.append(folder / f"case{i}.png")
-        Image.fromarray((rgb * 255).astype(np.uint8)).save(paths[-1])
+    paths = [folder / f"case{i}.png" for i in range(2)]
+    for path, rgb in zip(paths, synthetic_images()):
+        Image.fromarray(rgb).save(path)
     return paths
 
 
@@ -161,8 +123,7 @@ def verify_end_to_end(bundle, source: ReferenceSource, images: list[Path], promp
 
     from .reference import make_reference
 
-    limits = (bundle.manifest.get("verification") or {}).get("end_to_end") or \
-        E2E_THRESHOLDS[thresholds_for(bundle, backend)[0]]
+    limits = e2e_limits(bundle, backend)
     mods = source.recipe.build_modules(source.options)
     ref = make_reference(mods, bundle.manifest)
     pipe = VisionChatPipeline(bundle, backend, **backend_options)
@@ -190,40 +151,12 @@ def verify_end_to_end(bundle, source: ReferenceSource, images: list[Path], promp
     return results
 
 
-def _split_at_images(keys: list) -> list[list[int]]:
-    """The bundle's prompt (token ids, and (image, row) for image positions) as text segments."""
-    segments: list[list[int]] = [[]]
-    for prev, k in zip([None, *keys], keys):
-        if isinstance(k, int):
-            segments[-1].append(k)
-        elif not isinstance(prev, tuple):
-            segments.append([])
-    return segments
-
-
 @torch.no_grad()
 def _judge_case(res: CaseResult, ref, image, turns, prompt_keys, tokens, recorded, limits) -> None:
-    ours, theirs = _split_at_images(prompt_keys), ref.prompt_ids(turns)
-    if ours != theirs:
-        seg = next(i for i, (a, b) in enumerate(zip(ours + [[]] * 2, theirs + [[]] * 2)) if a != b)
-        at = next((i for i, (a, b) in enumerate(zip(ours[seg], theirs[seg])) if a != b),
-                  min(len(ours[seg]), len(theirs[seg])))
-        side = "before" if seg == 0 else "after"
-        res.reason = (f"prompt tokens differ {side} the image at text position {at}: bundle "
-                      f"{ours[seg][at:at + 6]}..., reference {theirs[seg][at:at + 6]}...")
+    res.reason = layout_difference(split_at_images(prompt_keys), ref.prompt_ids(turns))
+    if res.reason:
         return
     context = ref.context(image, turns)
     follow = ref.m.embed(torch.tensor([tokens[:-1]], dtype=torch.long))[0] if len(tokens) > 1 else context[:0]
     logits = ref.logits(torch.cat([context, follow.to(context.dtype)])).float().numpy()[len(context) - 1:]
-    for t, (tok, got, want) in enumerate(zip(tokens, recorded, logits)):
-        top = np.sort(want)[-2:]
-        res.steps.append(StepRow(res.case, t, int(tok), int(np.argmax(want)),
-                                 compare(got, want)["cosine"], float(top[1] - top[0])))
-    k = res.agreed
-    low = [s for s in res.steps if s.cosine < limits["logits_cosine"]]
-    if low:
-        res.reason = f"logits cosine {low[0].cosine:.6f} < {limits['logits_cosine']} at step {low[0].step}"
-    elif k < len(res.steps) and res.steps[k].margin >= limits["tie_margin"]:
-        res.reason = (f"greedy tokens differ at step {k} (bundle {res.steps[k].token}, reference "
-                      f"{res.steps[k].reference_token}, reference margin {res.steps[k].margin:.3e})")
-    res.passed = not res.reason
+    judge_steps(res, tokens, recorded, logits, limits)

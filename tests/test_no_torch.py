@@ -66,7 +66,9 @@ def test_golden_verify_and_bench_without_torch(tmp_path, tiny_batch_bundle):
     r = subprocess.run([*base, "verify", str(tiny_batch_bundle), "--golden", "--out", str(tmp_path / "rep")],
                        env=_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "PASS: 12 subgraph outputs" in r.stdout and (tmp_path / "rep" / "verify_minigpt4.csv").is_file()
+    # Every graph, then the stored end-to-end case through the runtime's whole pipeline.
+    assert "PASS: 12 subgraph outputs, 1 end-to-end case" in r.stdout
+    assert (tmp_path / "rep" / "verify_minigpt4_e2e.csv").is_file()
     r = subprocess.run([*base, "bench", str(tiny_batch_bundle), "--batch", "1,2", "--input-lengths", "125",
                         "--output-lengths", "4", "--out", str(tmp_path / "rep")],
                        env=_env(tmp_path), capture_output=True, text=True, timeout=120)

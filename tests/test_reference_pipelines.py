@@ -106,3 +106,25 @@ def test_unknown_family_has_no_reference(tiny_modules, tiny_bundle):
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     with pytest.raises(InputError, match="no PyTorch reference pipeline for vlmo bundles"):
         make_reference(tiny_modules, {**manifest, "family": "vlmo"})
+
+
+def test_llava_golden_end_to_end_without_the_reference(llava_batch_bundle, tmp_path):
+    bundle = _copy(llava_batch_bundle, tmp_path)
+    r = CliRunner().invoke(main, ["verify", str(bundle), "--golden", "--out", str(tmp_path / "ok")])
+    assert r.exit_code == 0 and "PASS: 12 subgraph outputs, 1 end-to-end case" in r.output, r.output
+    perturb(bundle, "decoder_1", scale=0.5)
+    r = CliRunner().invoke(main, ["verify", str(bundle), "--golden", "--out", str(tmp_path / "bad")])
+    assert r.exit_code == 1 and "FAIL end-to-end case 0" in r.output
+
+
+def test_golden_without_room_for_the_end_to_end_case_says_so(tmp_path):
+    from exporters import minigpt4
+    from exporters.export import write_bundle
+    from exporters.export_extras import ExportExtras
+
+    said = []
+    opts = minigpt4.ExportOptions(preset="tiny", cache_gears=(128,))  # the 118-position prompt + 16 > 128
+    write_bundle(minigpt4.plan(opts), tmp_path / "b", echo=said.append, extras=ExportExtras(golden=True))
+    assert any("no end-to-end case" in s and "largest cache gear 128" in s for s in said)
+    r = CliRunner().invoke(main, ["verify", str(tmp_path / "b"), "--golden", "--out", str(tmp_path)])
+    assert r.exit_code == 0 and "the golden file has no end-to-end case" in r.output, r.output

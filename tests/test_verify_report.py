@@ -68,18 +68,48 @@ def test_golden_verify_passes_then_catches_a_perturbed_graph(tiny_batch_bundle, 
     rows = _rows(tmp_path / "ok" / "verify_minigpt4.csv")
     assert {row["graph"] for row in rows} == {"vision", "bridge", "embed", "decoder_0", "decoder_1"}
     assert all(row["result"] == "ok" and float(row["cosine"]) >= 0.99999 for row in rows)
-    assert json.loads((tmp_path / "ok" / "verify_minigpt4.json").read_text())["passed"] is True
+    report = json.loads((tmp_path / "ok" / "verify_minigpt4.json").read_text())
+    assert report["passed"] is True
+    (case,) = report["end_to_end"]  # the stored answer fed through prefill and decode
+    assert case["passed"] and case["steps"] == case["greedy_agreement"] == 16
 
     perturb(bundle, "decoder_1")
     r = runner.invoke(main, ["verify", str(bundle), "--golden", "--out", str(tmp_path / "bad")])
     assert r.exit_code == 1
-    assert "FAIL subgraph(s) decoder_1" in r.output
+    assert "FAIL subgraph(s) decoder_1" in r.output and "FAIL end-to-end case 0" in r.output
     rows = _rows(tmp_path / "bad" / "verify_minigpt4.csv")
     failed = {row["graph"] for row in rows if row["result"] == "FAIL"}
     assert failed == {"decoder_1"}
     worst = min(float(row["cosine"]) for row in rows if row["graph"] == "decoder_1")
     assert worst < THRESHOLDS["float32"]["cosine"]
     assert json.loads((tmp_path / "bad" / "verify_minigpt4.json").read_text())["passed"] is False
+
+
+def test_golden_end_to_end_case_is_the_whole_reference(tiny_batch_bundle, tiny_modules):
+    """The logits export --golden stored, graph by graph as the export built each module, equal the
+    reference pipeline run on all modules at once over the same prompt and answer."""
+    import torch
+
+    from exporters.reference import MiniGPT4Reference
+
+    m = json.loads((tiny_batch_bundle / "manifest.json").read_text())
+    (case,) = m["verification"]["golden"]["end_to_end"]
+    with np.load(tiny_batch_bundle / "golden.npz") as z:
+        stored = {k: z[f"{case['key']}/{k}"] for k in ("image", "prompt_before", "prompt_after", "answer", "logits")}
+    ref = MiniGPT4Reference(tiny_modules, m)
+    from PIL import Image
+
+    image = Image.fromarray(stored["image"])
+    turns = [(case["prompt"], None)]
+    assert ref.prompt_ids(turns) == [stored["prompt_before"].tolist(), stored["prompt_after"].tolist()]
+    answer = stored["answer"].tolist()
+    assert answer == ref.text_ids(case["answer"])[:16] and len(answer) == case["steps"] == 16
+    context = ref.context(image, turns)
+    with torch.no_grad():
+        fed = tiny_modules.embed(torch.tensor([answer[:-1]]))[0]
+    want = ref.logits(torch.cat([context, fed])).numpy()[len(context) - 1:]
+    assert len(context) == case["prompt_tokens"]
+    np.testing.assert_allclose(stored["logits"], want, rtol=0, atol=1e-5)
 
 
 def test_altered_file_without_rehash_is_named(tiny_batch_bundle, tmp_path):
