@@ -56,16 +56,20 @@ def group_subgraph(index: int, build: Callable[[], nn.Module], cfg: LlamaConfig,
             "position_ids": (valid + torch.arange(s)).expand(b, s).contiguous(),
             "attention_mask": mask,
             "past_kv": torch.randn(n, 2, b, kvh, c, d, generator=gen).to(tdtype),
+            **({"logits_index": torch.randint(0, s, (b,), generator=gen)} if last else {}),
         }
 
-    out = TensorDecl("logits", dtype, ("batch", "seq", cfg.vocab_size)) if stop == cfg.layers else \
+    last = stop == cfg.layers
+    inputs = [TensorDecl("hidden_states", dtype, ("batch", "seq", cfg.hidden)),
+              TensorDecl("position_ids", "int64", ("batch", "seq")),
+              TensorDecl("attention_mask", "float32", ("batch", "cache")),
+              TensorDecl("past_kv", dtype, (n, 2, "batch", kvh, "cache", d))]
+    if last:  # logits of one position per row: see graphs/llama.py
+        inputs.append(TensorDecl("logits_index", "int64", ("batch",)))
+    out = TensorDecl("logits", dtype, ("batch", cfg.vocab_size)) if last else \
         TensorDecl("hidden_states_out", dtype, ("batch", "seq", cfg.hidden))
     return Subgraph(
-        f"decoder_{index}", build,
-        [TensorDecl("hidden_states", dtype, ("batch", "seq", cfg.hidden)),
-         TensorDecl("position_ids", "int64", ("batch", "seq")),
-         TensorDecl("attention_mask", "float32", ("batch", "cache")),
-         TensorDecl("past_kv", dtype, (n, 2, "batch", kvh, "cache", d))],
+        f"decoder_{index}", build, inputs,
         [out, TensorDecl("present_kv", dtype, (n, 2, "batch", kvh, "seq", d))],
         make, decoder_gears(seq_gears, cache_gears), extra={"layers": [start, stop]})
 

@@ -10,8 +10,13 @@ One group's graph::
     position_ids   [B, S]    int64  absolute positions of the S new tokens
     attention_mask [B, C]    float  1 where a cache slot holds a valid past token, else 0
     past_kv        [L, 2, B, KVH, C, D]   keys (after RoPE) and values of the cache slots
- -> hidden_states | logits [B, S, H | V]
+ (last group) logits_index [B] int64  the one new position per row whose logits are wanted
+ -> hidden_states [B, S, H] | logits [B, V] (last group)
     present_kv     [L, 2, B, KVH, S, D]   keys and values of the S new tokens only
+
+Decoding needs the next-token logits after a prompt's last position only, so the last group
+gathers that row before its norm and lm_head: a padded prefill chunk of S positions then costs
+one lm_head row instead of S (a [B, S, V] output is also the largest buffer a batch would hold).
 
 New tokens attend to valid cache slots and to new tokens whose position is not larger
 than their own, so right padding (positions that keep counting) is never seen by a real
@@ -174,7 +179,8 @@ class LlamaDecoderGroup(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("rope_rot", rotate_half_matrix(self.cfg.head_dim), persistent=False)
 
-    def forward(self, hidden_states, position_ids, attention_mask, past_kv):
+    def forward(self, hidden_states, position_ids, attention_mask, past_kv, logits_index=None):
+        """``logits_index`` None (the torch reference): logits at every position [B, S, V]."""
         dtype = hidden_states.dtype
         cos = self.rope_cos[position_ids].unsqueeze(1).to(dtype)  # [B, 1, S, D]
         sin = self.rope_sin[position_ids].unsqueeze(1).to(dtype)
@@ -190,5 +196,7 @@ class LlamaDecoderGroup(nn.Module):
             x, k, v = layer(x, rope, bias_past, bias_new, past[2 * i], past[2 * i + 1], dims)
             present.append(torch.stack([k, v]))
         if self.is_last:
+            if logits_index is not None:
+                x = x.gather(1, logits_index[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]
             x = self.lm_head(self.norm(x))
         return x, torch.stack(present)

@@ -172,13 +172,15 @@ class BatchGenerator:
                 hidden[i, :len(real)] = real
                 valid[i, :len(real)] = 1.0
             positions = np.broadcast_to(start + np.arange(s, dtype=np.int64), (cache.batch, s)).copy()
-            logits, presents = dec.run_groups(hidden, positions, cache)
+            ends = [i for i, n in enumerate(lengths) if start <= n - 1 < start + size]  # rows ending here
+            index = np.zeros(cache.batch, np.int64)
+            index[ends] = [lengths[i] - 1 - start for i in ends]
+            logits, presents = dec.run_groups(hidden, positions, cache, index)
             cache.append(presents, size, valid)
-            for i, n in enumerate(lengths):
-                if start <= n - 1 < start + size:
-                    if out.shape[1] == 0:
-                        out = np.zeros((len(prompts), logits.shape[-1]), np.float32)
-                    out[i] = logits[i, n - 1 - start]
+            for i in ends:
+                if out.shape[1] == 0:
+                    out = np.zeros((len(prompts), logits.shape[-1]), np.float32)
+                out[i] = logits[i]
             start += size
         return out
 
@@ -193,9 +195,9 @@ class BatchGenerator:
         valid = np.zeros((cache.batch, 1), np.float32)
         valid[:len(tokens), 0] = [t is not None for t in tokens]
         assert dec.gear(cache, 1)["seq"] == 1, "the export requires a seq gear of 1"
-        logits, presents = dec.run_groups(hidden, pos, cache)
+        logits, presents = dec.run_groups(hidden, pos, cache, np.zeros(cache.batch, np.int64))
         cache.append(presents, 1, valid)
-        return logits[:, 0].astype(np.float32)
+        return logits.astype(np.float32)
 
 
 def generate_batch(pipe, images: list, questions: list[str], config: GenerationConfig | list | None = None,

@@ -28,6 +28,7 @@ class Decoder:
         self.groups = [sessions[n] for n in self.group_names]
         self.embed_gears = bundle.graph(self.embed_name)["gears"]
         self.dec_gears = bundle.graph(self.group_names[0])["gears"]
+        self.logits_index = any(i["name"] == "logits_index" for i in bundle.graph(self.group_names[-1])["inputs"])
         self.kv = kv
         self.hidden = pipe["hidden_size"]
         self.embed_dtype = np.dtype(pipe["embeds_dtype"])
@@ -95,21 +96,26 @@ class Decoder:
         hidden[0, :n] = chunk
         # Padding keeps counting positions, so the in-graph causal mask hides it from real tokens.
         positions = (cache.length + np.arange(s, dtype=np.int64))[None]
-        logits, presents = self.run_groups(hidden, positions, cache)
+        logits, presents = self.run_groups(hidden, positions, cache, np.array([n - 1], np.int64))
         cache.append(presents, n)
-        return logits[0, n - 1].astype(np.float32)
+        return logits[0].astype(np.float32)
 
     def gear(self, cache: KVCache, n: int) -> dict[str, int]:
         """The decoder gear for ``n`` new positions at the cache's capacity and batch."""
         exact = {"cache": cache.capacity, **self.batch_exact(self.dec_gears, cache.batch)}
         return select_gear(self.group_names[0], self.dec_gears, exact=exact, at_least={"seq": n})
 
-    def run_groups(self, hidden: np.ndarray, positions: np.ndarray, cache: KVCache):
-        """Chain the groups on gear-shaped feeds; return (logits [B, S, V], present_kv per group)."""
-        presents = []
+    def run_groups(self, hidden: np.ndarray, positions: np.ndarray, cache: KVCache, index: np.ndarray):
+        """Chain the groups on gear-shaped feeds; return (the logits at position ``index[b]`` of each
+        row b [B, V], present_kv per group). A bundle whose last group returns logits at every
+        position [B, S, V] (exported before ``logits_index``) is read by picking them here."""
+        presents, last = [], self.groups[-1]
         for sess, buf in zip(self.groups, cache.buffers):
-            res = sess.run({"hidden_states": hidden, "position_ids": positions,
-                            "attention_mask": cache.mask, "past_kv": buf})
+            feeds = {"hidden_states": hidden, "position_ids": positions, "attention_mask": cache.mask, "past_kv": buf}
+            if sess is last and self.logits_index:
+                feeds["logits_index"] = index
+            res = sess.run(feeds)
             presents.append(res["present_kv"])
             hidden = res.get("hidden_states_out")
-        return res["logits"], presents
+        logits = res["logits"]
+        return (logits if logits.ndim == 2 else logits[np.arange(len(index)), index]), presents

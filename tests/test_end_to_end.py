@@ -68,3 +68,27 @@ def test_stop_string_and_streaming(tiny_bundle, sample_image):
     text = "".join(chat2.ask("Describe this image.", GREEDY.but(max_new_tokens=24, stop_strings=(stop,))))
     assert chat2.last.finish_reason == "stop" and stop not in text
     assert decoded.startswith(text.strip()) and len(text.strip()) < len(decoded)
+
+
+def test_bundle_whose_last_group_returns_every_position(tmp_path, tiny_opts, tiny_bundle, sample_image):
+    """A bundle exported before ``logits_index`` (last group: logits [B, S, V]) still runs, with
+    the tokens of one that has it; and its output really is every position's."""
+    from exporters import minigpt4
+    from exporters.export import write_bundle
+    from exporters.subgraph import TensorDecl
+
+    plan = minigpt4.plan(tiny_opts)
+    last = plan.subgraphs[-1]
+    last.inputs = [d for d in last.inputs if d.name != "logits_index"]  # the module then returns [B, S, V]
+    make = last.make_inputs
+    last.make_inputs = lambda gear, gen: {k: v for k, v in make(gear, gen).items() if k != "logits_index"}
+    vocab = last.outputs[0].dims[-1]
+    last.outputs[0] = TensorDecl("logits", last.outputs[0].dtype, ("batch", "seq", vocab))
+    old = open_bundle(write_bundle(plan, tmp_path / "old", echo=lambda s: None).root)
+    assert old.bundle.graph(last.name)["outputs"][0]["shape"] == [1, "seq", vocab]
+    answers = []
+    for pipe in (old, open_bundle(tiny_bundle)):
+        chat = pipe.chat(sample_image)
+        list(chat.ask("What is it?", GREEDY.but(max_new_tokens=12)))
+        answers.append(chat.last.tokens)
+    assert answers[0] == answers[1]

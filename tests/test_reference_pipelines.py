@@ -128,3 +128,21 @@ def test_golden_without_room_for_the_end_to_end_case_says_so(tmp_path):
     assert any("no end-to-end case" in s and "largest cache gear 128" in s for s in said)
     r = CliRunner().invoke(main, ["verify", str(tmp_path / "b"), "--golden", "--out", str(tmp_path)])
     assert r.exit_code == 0 and "the golden file has no end-to-end case" in r.output, r.output
+
+
+def test_llava_reference_without_transformers_says_what_to_install(llava_batch_bundle, monkeypatch, tmp_path):
+    import sys
+
+    from exporters import llava
+    from exporters.export import write_bundle
+    from exporters.export_extras import ExportExtras
+    from exporters.reference import make_reference
+
+    manifest = json.loads((llava_batch_bundle / "manifest.json").read_text())
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers fails
+    with pytest.raises(InputError, match=r"pip install 'vlm2om\[reference\]'"):
+        make_reference(None, manifest, b"")
+    said = []  # export --golden still works: per-graph cases only, and it says why
+    write_bundle(llava.plan(llava.ExportOptions(preset="tiny")), tmp_path / "b", echo=said.append,
+                 extras=ExportExtras(golden=True))
+    assert any("no end-to-end case" in s and "transformers" in s for s in said)

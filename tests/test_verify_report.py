@@ -54,7 +54,8 @@ def test_manifest_records_thresholds_and_golden_file(tiny_batch_bundle, tiny_bun
     assert m["files"][golden["file"]]["sha256"] == sha256_file(tiny_batch_bundle / golden["file"])
     assert set(golden["graphs"]) == set(m["graphs"])
     with np.load(tiny_batch_bundle / golden["file"]) as z:
-        assert z["decoder_1/0/out/logits"].shape == (2, 16, m["model"]["llama"]["vocab_size"])
+        assert z["decoder_1/0/out/logits"].shape == (2, m["model"]["llama"]["vocab_size"])  # one position per row
+        assert z["decoder_1/0/in/logits_index"].shape == (2,)
     # A bundle exported without --golden still records its thresholds.
     plain = json.loads((tiny_bundle / "manifest.json").read_text())["verification"]
     assert plain["thresholds"] == THRESHOLDS["float32"] and "golden" not in plain
