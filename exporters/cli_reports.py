@@ -59,13 +59,15 @@ def _session_options(backend, device_id, threads) -> dict:
                    "default: one follow-up).")
 @click.option("--single-turn", is_flag=True, help="No follow-up questions: one turn per case.")
 @click.option("--new-tokens", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Greedy tokens generated per end-to-end case.")
+              help="Greedy tokens generated per end-to-end case (--reference; the golden case holds 16).")
 @click.option("--no-e2e", is_flag=True, help="Only the per-subgraph comparison.")
 def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompts, follow_ups, single_turn, new_tokens,
            no_e2e, backend, device_id, threads, no_hash_check, out_dir):
     """Precision report of BUNDLE: per subgraph max/mean abs error, cosine similarity and relative
-    Euclidean distance against the thresholds in its manifest; with --reference also per-step
-    logits cosine and greedy agreement end to end, over a first question and its follow-ups. Writes verify_<model>.csv/.json; exits 1 on a failure."""
+    Euclidean distance against the thresholds in its manifest, then end to end the per-step
+    next-token logits cosine and greedy agreement: the golden case stored at export (--golden),
+    or image x prompt cases and follow-ups against PyTorch (--reference). Writes
+    verify_<model>.csv/.json; exits 1 on a failure."""
     from runtime.report import format_table, write_csv, write_json
 
     from .golden import thresholds_label, verify_golden, verify_golden_e2e
@@ -75,6 +77,9 @@ def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompt
             raise click.UsageError("give either --golden or --reference, not both")
         if single_turn and follow_ups:
             raise click.UsageError("give either --follow-up or --single-turn, not both")
+        if golden and (images or prompts or follow_ups):
+            raise click.UsageError("--image, --prompt and --follow-up make --reference cases; the golden "
+                                   "end-to-end case is the one stored at export")
         b = _open(bundle, no_hash_check)
         if not golden and reference is None:
             golden = bool((b.manifest.get("verification") or {}).get("golden"))

@@ -3,10 +3,11 @@
 The modules are rebuilt from the bundle's provenance (a preset and its seed, or the
 checkpoint folder, which the user may point elsewhere). Per subgraph, each graph is run on
 the verification gears the export used, through the chosen backend; end to end, the bundle
-answers each image+prompt case greedily and the reference recomputes the whole sequence
-once on the bundle's tokens (teacher forcing), which gives every step's next-token logits
-(cosine) and the reference's greedy choice at every step: the two greedy runs agree up to
-the first step where those choices differ, so one forward pass per case suffices.
+answers each image+prompt case (then each follow-up, in the same conversation) greedily, and
+the reference, given the same conversation, builds its own prompt tokens (compared id by id)
+and recomputes the whole sequence once on the bundle's tokens (teacher forcing): that gives
+every step's next-token logits (cosine) and the reference's greedy choice in the very context
+the bundle chose in, so one forward pass per turn suffices.
 """
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ from .export_extras import apply_batch_gears
 from .golden import e2e_limits, thresholds_for
 from .verify import Metrics, judge
 from .verify_e2e import CaseResult, judge_steps, layout_difference, split_at_images, synthetic_images
-
 
 
 @dataclass

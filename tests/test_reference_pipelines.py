@@ -146,3 +146,11 @@ def test_llava_reference_without_transformers_says_what_to_install(llava_batch_b
     write_bundle(llava.plan(llava.ExportOptions(preset="tiny")), tmp_path / "b", echo=said.append,
                  extras=ExportExtras(golden=True))
     assert any("no end-to-end case" in s and "transformers" in s for s in said)
+
+
+def test_golden_takes_no_reference_cases(tiny_batch_bundle, tmp_path, sample_image):
+    r = CliRunner().invoke(main, ["verify", str(tiny_batch_bundle), "--golden", "--image", str(sample_image)])
+    assert r.exit_code == 2 and "the golden end-to-end case is the one stored at export" in r.output
+    r = CliRunner().invoke(main, ["verify", str(tiny_batch_bundle), "--reference", "--single-turn",
+                                  "--follow-up", "Why?"])
+    assert r.exit_code == 2 and "either --follow-up or --single-turn" in r.output
