@@ -61,8 +61,11 @@ def _session_options(backend, device_id, threads) -> dict:
 @click.option("--new-tokens", type=click.IntRange(min=1), default=16, show_default=True,
               help="Greedy tokens generated per end-to-end case (--reference; the golden case holds 16).")
 @click.option("--no-e2e", is_flag=True, help="Only the per-subgraph comparison.")
+@click.option("--low-memory", is_flag=True,
+              help="Load each graph only while it runs (end-to-end cases of a bundle larger than this "
+                   "machine's memory, such as a 7B bundle on onnxruntime's CPU kernels; slow).")
 def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompts, follow_ups, single_turn, new_tokens,
-           no_e2e, backend, device_id, threads, no_hash_check, out_dir):
+           no_e2e, low_memory, backend, device_id, threads, no_hash_check, out_dir):
     """Precision report of BUNDLE: per subgraph max/mean abs error, cosine similarity and relative
     Euclidean distance against the thresholds in its manifest, then end to end the per-step
     next-token logits cosine and greedy agreement: the golden case stored at export (--golden),
@@ -86,7 +89,7 @@ def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompt
             if not golden:
                 reference = ""
         limits = {k: v for k, v in (("cosine", cosine), ("rel_euclid", rel_euclid)) if v is not None}
-        session = _session_options(backend, device_id, threads)
+        session = {**_session_options(backend, device_id, threads), "low_memory": low_memory}
         model, cases = b.manifest["family"], []
         if golden:
             click.echo(f"verifying {bundle} on {backend} against its golden file ...")

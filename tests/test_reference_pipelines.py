@@ -154,3 +154,15 @@ def test_golden_takes_no_reference_cases(tiny_batch_bundle, tmp_path, sample_ima
     r = CliRunner().invoke(main, ["verify", str(tiny_batch_bundle), "--reference", "--single-turn",
                                   "--follow-up", "Why?"])
     assert r.exit_code == 2 and "either --follow-up or --single-turn" in r.output
+
+
+def test_golden_verify_with_low_memory(tiny_batch_bundle, tmp_path, monkeypatch):
+    """A bundle larger than the machine (7B on onnxruntime's CPU kernels): every run loads its graph."""
+    from runtime import backends
+
+    runs = []
+    real = backends.StreamedSession.run
+    monkeypatch.setattr(backends.StreamedSession, "run", lambda self, feeds: runs.append(self.name) or real(self, feeds))
+    r = CliRunner().invoke(main, ["verify", str(tiny_batch_bundle), "--golden", "--low-memory", "--out", str(tmp_path)])
+    assert r.exit_code == 0 and "1 end-to-end case" in r.output, r.output
+    assert runs.count("decoder_1") > 16  # the prefill and 15 fed answer tokens, plus the per-graph cases
