@@ -137,7 +137,8 @@ def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompt
                 click.echo(f"FAIL subgraph(s) {', '.join(bad)} of {bundle} miss the thresholds", err=True)
             sys.exit(1)
         plural = "s" * (len(cases) != 1)
-        click.echo(f"PASS: {len(rows)} subgraph outputs" + (f", {len(cases)} end-to-end case{plural}" if cases else ""))
+        click.echo(f"PASS: {len(rows)} subgraph outputs"
+                   + (f", {len(cases)} end-to-end case{plural}" if cases else ""))
     except Vlm2omError as e:
         raise click.ClickException(str(e)) from None
 

@@ -35,7 +35,8 @@ class EndToEndTrace:
         self.logits: np.ndarray | None = None
         self.skipped = ""
         try:
-            ref = make_reference(None, {"family": plan.family, **m}, plan.assets["tokenizer.model"])
+            described = {"family": plan.family, "dtype": plan.dtype, **m}
+            ref = make_reference(None, described, plan.assets["tokenizer.model"])
         except InputError as e:
             self.skipped = str(e)
             echo(f"export --golden: no end-to-end case ({e}); the per-graph cases are stored")
@@ -49,7 +50,7 @@ class EndToEndTrace:
                             f"exceed the largest cache gear {room}")
             echo(f"export --golden: no end-to-end case ({self.skipped})")
             return
-        self.x = ref.pixels(Image.fromarray(self.image))
+        self.x = ref.pixels(Image.fromarray(self.image)).to(ref.dtype)
 
     @torch.no_grad()
     def feed(self, name: str, module: torch.nn.Module) -> None:
@@ -57,14 +58,13 @@ class EndToEndTrace:
         if self.skipped:
             return
         if name in self.pipe["image_graphs"]:
-            self.x = module(self.x.to(next(module.parameters()).dtype))
+            self.x = module(self.x)
         elif name == self.pipe["embed_graph"]:
             def emb(ids):
                 return module(torch.tensor([ids], dtype=torch.long))[0]
 
-            image = self.x[0]
             text = [emb(self.before), emb(self.after), emb(self.answer[:-1])]
-            self.x = torch.cat([text[0], image.to(text[0].dtype), *text[1:]])[None]
+            self.x = torch.cat([text[0], self.x[0], *text[1:]])[None]
         elif name in self.pipe["decoder_graphs"]:
             self.x = run_group(module, self.x)
             if name == self.pipe["decoder_graphs"][-1]:  # the last group's output is the logits

@@ -28,6 +28,8 @@ class TorchReference:
         self.m = modules  # None where only pixels and prompt ids are asked (export --golden)
         self.tokenizer = tokenizer if tokenizer is not None else modules.tokenizer
         self.prompt = manifest["prompt"]
+        # The graphs' dtype (a module's first parameter may be an fp32 LayerNorm in an fp16 graph).
+        self.dtype = getattr(torch, manifest.get("dtype", "float32"))
         self.pre = {s["op"]: s for s in manifest["preprocess"]["steps"]}
 
     def pixels(self, image) -> torch.Tensor:
@@ -44,8 +46,7 @@ class TorchReference:
 
     @torch.no_grad()
     def image_embeds(self, path) -> torch.Tensor:
-        dtype = next(self.m.image.parameters()).dtype
-        return self.m.image(self.pixels(path).to(dtype))[0]
+        return self.m.image(self.pixels(path).to(self.dtype))[0]
 
     @torch.no_grad()
     def context(self, image, turns) -> torch.Tensor:

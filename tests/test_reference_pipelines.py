@@ -162,7 +162,24 @@ def test_golden_verify_with_low_memory(tiny_batch_bundle, tmp_path, monkeypatch)
 
     runs = []
     real = backends.StreamedSession.run
-    monkeypatch.setattr(backends.StreamedSession, "run", lambda self, feeds: runs.append(self.name) or real(self, feeds))
+    monkeypatch.setattr(backends.StreamedSession, "run",
+                        lambda self, feeds: runs.append(self.name) or real(self, feeds))
     r = CliRunner().invoke(main, ["verify", str(tiny_batch_bundle), "--golden", "--low-memory", "--out", str(tmp_path)])
     assert r.exit_code == 0 and "1 end-to-end case" in r.output, r.output
     assert runs.count("decoder_1") > 16  # the prefill and 15 fed answer tokens, plus the per-graph cases
+
+
+def test_float16_golden_end_to_end(tmp_path):
+    """float16 graphs keep their LayerNorms in fp32 (an EVA slice's first parameter is one): the
+    golden case must still run every module in the graph's dtype, and verify within fp16 limits."""
+    from exporters import minigpt4
+    from exporters.export import write_bundle
+    from exporters.export_extras import ExportExtras
+
+    opts = minigpt4.ExportOptions(preset="tiny", dtype="float16", vision_graphs=2)
+    write_bundle(minigpt4.plan(opts), tmp_path / "b", echo=lambda s: None, extras=ExportExtras(golden=True))
+    r = CliRunner().invoke(main, ["verify", str(tmp_path / "b"), "--golden", "--out", str(tmp_path)])
+    assert r.exit_code == 0 and "1 end-to-end case" in r.output, r.output
+    report = json.loads((tmp_path / "verify_minigpt4.json").read_text())
+    assert {s["graph"] for s in report["subgraphs"]} >= {"vision_0", "vision_1"}
+    assert report["end_to_end"][0]["min_cosine"] > 0.999
