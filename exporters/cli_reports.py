@@ -47,7 +47,8 @@ def _session_options(backend, device_id, threads) -> dict:
 @click.option("--reference", is_flag=False, flag_value="", default=None, metavar="[CHECKPOINT]",
               help="Rebuild the PyTorch modules (from the bundle's preset and seed, or CHECKPOINT) and "
                    "compare every subgraph and the end-to-end greedy answers. Needs torch.")
-@click.option("--graph", "graphs", multiple=True, help="Only this subgraph (repeatable).")
+@click.option("--graph", "graphs", multiple=True,
+              help="Only this subgraph (repeatable); no end-to-end cases then.")
 @click.option("--cosine", type=float, help="Override the manifest's cosine-similarity floor.")
 @click.option("--rel-euclid", type=float, help="Override the manifest's relative-Euclidean-distance ceiling.")
 @click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -59,7 +60,8 @@ def _session_options(backend, device_id, threads) -> dict:
                    "default: one follow-up).")
 @click.option("--single-turn", is_flag=True, help="No follow-up questions: one turn per case.")
 @click.option("--new-tokens", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Greedy tokens generated per end-to-end case (--reference; the golden case holds 16).")
+              help="Greedy tokens generated per end-to-end case (--reference; the golden case holds "
+                   "its own, at most 16).")
 @click.option("--no-e2e", is_flag=True, help="Only the per-subgraph comparison.")
 @click.option("--low-memory", is_flag=True,
               help="Load each graph only while it runs (end-to-end cases of a bundle larger than this "
@@ -84,8 +86,9 @@ def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompt
             raise click.UsageError("--image, --prompt and --follow-up make --reference cases; the golden "
                                    "end-to-end case is the one stored at export")
         b = _open(bundle, no_hash_check)
-        if not golden and reference is None:
-            golden = bool((b.manifest.get("verification") or {}).get("golden"))
+        if not golden and reference is None:  # the golden file if there is one, unless cases are asked for
+            cases_asked = images or prompts or follow_ups or single_turn
+            golden = bool((b.manifest.get("verification") or {}).get("golden")) and not cases_asked
             if not golden:
                 reference = ""
         limits = {k: v for k, v in (("cosine", cosine), ("rel_euclid", rel_euclid)) if v is not None}
@@ -101,15 +104,18 @@ def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompt
                     click.echo(f"the golden file has no end-to-end case: {missing}")
         else:
             try:
-                from .reports import reference_source, verify_end_to_end, verify_subgraphs
+                from .reports import check_reference, reference_source, verify_end_to_end, verify_subgraphs
             except ImportError as e:
                 raise click.ClickException(f"verify --reference needs torch ({e}); on a box without torch "
                                            "verify with --golden (export the bundle with --golden)") from None
 
             src = reference_source(b, Path(reference) if reference else None)
+            e2e = not no_e2e and not graphs
+            if e2e:
+                check_reference(b)  # before the per-graph work: a missing package fails now
             click.echo(f"verifying {bundle} on {backend} against PyTorch ({src.label}) ...")
             rows = verify_subgraphs(b, src, backend, limits, list(graphs) or None, **session)
-            if not no_e2e:
+            if e2e:
                 later = [] if single_turn else list(follow_ups) or list(DEFAULT_FOLLOW_UPS)
                 cases = verify_end_to_end(b, src, list(images), list(prompts) or list(DEFAULT_PROMPTS), later,
                                           new_tokens, backend, **session)

@@ -118,7 +118,7 @@ class MiniGPT4Reference(TorchReference):
         for i, (question, answer) in enumerate(turns):
             q = f"{p['image_message']} {question}" if i == 0 else question
             text += p["roles"][0] + q + p["sep"] + p["roles"][1]
-            if answer is not None:
+            if answer:  # an empty answer renders as none, as FastChat's ``if message`` does
                 text = text + answer + p["sep"]
         return text
 
@@ -139,17 +139,24 @@ class LlavaReference(TorchReference):
     def __init__(self, modules, manifest: dict, tokenizer: bytes | None = None):
         try:
             import transformers as T
-            from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
         except ImportError as e:
-            raise InputError(f"the LLaVA-1.5 reference tokenizes and preprocesses with transformers 5, as LLaVA "
+            raise InputError(f"the LLaVA-1.5 reference tokenizes and preprocesses with transformers, as LLaVA "
                              f"does ({e}): pip install 'vlm2om[reference]'") from None
+        try:  # transformers 5 names the PIL implementation apart; 4.x has only that one
+            from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Processor
+        except ImportError:
+            from transformers import CLIPImageProcessor as Processor
         super().__init__(modules, manifest, tokenizer)
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "tokenizer.model").write_bytes(self.tokenizer)
-            self.tok = T.LlamaTokenizer.from_pretrained(tmp, legacy=bool(self.prompt.get("legacy", False)),
-                                                        add_bos_token=True, add_eos_token=False)
+            try:
+                self.tok = T.LlamaTokenizer.from_pretrained(tmp, legacy=bool(self.prompt.get("legacy", False)),
+                                                            add_bos_token=True, add_eos_token=False)
+            except (ImportError, OSError, ValueError) as e:
+                raise InputError(f"transformers' LlamaTokenizer cannot read the bundle's tokenizer.model: "
+                                 f"{e}") from None
         size, norm = self.pre["resize_shortest"]["size"], self.pre["normalize"]
-        self.processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size=self.pre["center_crop"]["size"],
+        self.processor = Processor(size={"shortest_edge": size}, crop_size=self.pre["center_crop"]["size"],
                                                image_mean=norm["mean"], image_std=norm["std"])
 
     def pixels(self, image) -> torch.Tensor:
@@ -167,7 +174,7 @@ class LlavaReference(TorchReference):
         for i, (question, answer) in enumerate(turns):
             q = "<image>\n" + question if i == 0 else question
             text += f"{p['roles'][0]}: {q}{p['sep']}{p['roles'][1]}:"
-            if answer is not None:
+            if answer:
                 text += f" {answer}{p['sep2']}"
         return text
 

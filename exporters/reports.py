@@ -71,6 +71,14 @@ def _option(hint, value):
     return value
 
 
+def check_reference(bundle) -> None:
+    """Build the family's reference pipeline without modules: a missing package or an unknown
+    family is reported before any graph is rebuilt."""
+    from .reference import make_reference
+
+    make_reference(None, bundle.manifest, bundle.path(bundle.manifest["tokenizer"]["file"]).read_bytes())
+
+
 def verify_subgraphs(bundle, source: ReferenceSource, backend: str = "ort", thresholds: dict | None = None,
                      graphs: list[str] | None = None, **backend_options) -> list[Metrics]:
     """Each graph against its torch module on the export's verification gears, one graph's
@@ -83,6 +91,12 @@ def verify_subgraphs(bundle, source: ReferenceSource, backend: str = "ort", thre
     missing = [n for n in declared if n not in {sg.name for sg in plan.subgraphs}]
     if missing:
         raise BundleError(f"bundle '{bundle.root}' has graphs {missing} that the {source.label} recipe does not make")
+    for sg in plan.subgraphs:
+        theirs = [i["name"] for i in declared.get(sg.name, {}).get("inputs", [])]
+        if sg.name in declared and theirs != [d.name for d in sg.inputs]:
+            raise BundleError(f"graph '{sg.name}' of bundle '{bundle.root}' takes inputs {theirs}, but this vlm2om "
+                              f"exports it with {[d.name for d in sg.inputs]}: the bundle comes from an older "
+                              "vlm2om; re-export it to compare it with --reference, or verify it with --golden")
     rows: list[Metrics] = []
     for sg in plan.subgraphs:
         if sg.name not in declared or (graphs and sg.name not in graphs):

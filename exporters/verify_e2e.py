@@ -73,8 +73,10 @@ def layout_difference(ours: list[list[int]], theirs: list[list[int]]) -> str:
     """Where two prompts' text tokens first differ ('' when equal)."""
     if ours == theirs:
         return ""
-    seg = next(i for i, (a, b) in enumerate(zip(ours + [[]] * 2, theirs + [[]] * 2)) if a != b)
-    a, b = (ours + [[]] * 2)[seg], (theirs + [[]] * 2)[seg]
+    seg = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    if seg is None:
+        return f"prompt layouts differ: the bundle has {len(ours)} text segments, the reference {len(theirs)}"
+    a, b = ours[seg], theirs[seg]
     at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     side = "before" if seg == 0 else "after"
     return f"prompt tokens differ {side} the image at text position {at}: bundle {a[at:at + 6]}..., " \

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import json
 
+from click.testing import CliRunner
+
+from exporters.cli import main
 from exporters.reference import MiniGPT4Reference
 from runtime import GenerationConfig, open_bundle
+from runtime.batch import generate_batch
 
 NEW_TOKENS = 40
 GREEDY = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, stop_on_eos=False, stop_strings=())
@@ -86,9 +90,14 @@ def test_bundle_whose_last_group_returns_every_position(tmp_path, tiny_opts, tin
     last.outputs[0] = TensorDecl("logits", last.outputs[0].dtype, ("batch", "seq", vocab))
     old = open_bundle(write_bundle(plan, tmp_path / "old", echo=lambda s: None).root)
     assert old.bundle.graph(last.name)["outputs"][0]["shape"] == [1, "seq", vocab]
-    answers = []
+    answers, batched = [], []
     for pipe in (old, open_bundle(tiny_bundle)):
         chat = pipe.chat(sample_image)
         list(chat.ask("What is it?", GREEDY.but(max_new_tokens=12)))
         answers.append(chat.last.tokens)
-    assert answers[0] == answers[1]
+        res = generate_batch(pipe, [sample_image], ["What is it?"], [GREEDY.but(max_new_tokens=12)])
+        batched.append(res.sequences[0].tokens)
+    assert answers[0] == answers[1] == batched[0] == batched[1]
+    # verify --reference rebuilds today's graphs: it names the difference instead of comparing shapes
+    r = CliRunner().invoke(main, ["verify", str(tmp_path / "old"), "--reference", "--out", str(tmp_path)])
+    assert r.exit_code == 1 and "comes from an older vlm2om" in r.output and "logits_index" in r.output

@@ -183,3 +183,34 @@ def test_float16_golden_end_to_end(tmp_path):
     report = json.loads((tmp_path / "verify_minigpt4.json").read_text())
     assert {s["graph"] for s in report["subgraphs"]} >= {"vision_0", "vision_1"}
     assert report["end_to_end"][0]["min_cosine"] > 0.999
+
+
+def test_an_empty_answer_renders_as_the_runtime_renders_it(llava_batch_bundle, tiny_bundle, tiny_modules):
+    """FastChat and MiniGPT-4 skip an empty message (``if message``); so do both references."""
+    from exporters.llava import ExportOptions, build_modules
+    from runtime.prompts import Conversation
+
+    for bundle, mods, make in ((tiny_bundle, tiny_modules, MiniGPT4Reference),
+                               (llava_batch_bundle, build_modules(ExportOptions(preset="tiny")), LlavaReference)):
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        conv = Conversation(manifest["prompt"])
+        conv.add_image()
+        conv.ask("What is it?")
+        conv.answer("")
+        conv.ask("Why?")
+        assert make(mods, manifest).prompt_text([("What is it?", ""), ("Why?", None)]) == conv.render()
+
+
+def test_layout_difference_names_the_place():
+    from exporters.verify_e2e import layout_difference
+
+    assert layout_difference([[1, 5], [7, 8]], [[1, 5], [7, 8]]) == ""
+    assert "after the image at text position 1: bundle [9]" in layout_difference([[1, 5], [7, 9]], [[1, 5], [7, 8]])
+    assert "2 text segments, the reference 3" in layout_difference([[1], [2]], [[1], [2], []])
+
+
+def test_asking_for_cases_picks_the_reference(tiny_batch_bundle, tmp_path):
+    """A bundle with a golden file verifies against it by default, but --prompt asks for torch cases."""
+    r = CliRunner().invoke(main, ["verify", str(tiny_batch_bundle), "--prompt", "What is it?", "--single-turn",
+                                  "--new-tokens", "2", "--out", str(tmp_path)])
+    assert r.exit_code == 0 and "against PyTorch" in r.output, r.output
