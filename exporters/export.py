@@ -186,8 +186,9 @@ def write_bundle(plan: ExportPlan, out: Path, echo: Callable[[str], None] = prin
             echo(f"[{i}/{n}] {sg.name}: {size:.1f} MiB verified in {time.perf_counter() - t1:.1f}s "
                  f"(peak memory so far {peak_rss_gib():.2f} GiB)")
         keep_dtype = _lint(tmp, graphs, echo, keep_going)
-        if trace and trace.arrays():
-            golden.add_end_to_end(trace.entry(), trace.arrays())
+        e2e = trace.arrays() if trace else {}
+        if e2e:
+            golden.add_end_to_end(trace.entry(), e2e)
         elif trace:
             golden.end_to_end_missing = trace.skipped
         golden_entry = golden.close() if golden else None

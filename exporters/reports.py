@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import tempfile
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,15 +117,6 @@ def verify_subgraphs(bundle, source: ReferenceSource, backend: str = "ort", thre
     return rows
 
 
-def default_images(folder: Path) -> list[Path]:
-    from PIL import Image
-
-    paths = [folder / f"case{i}.png" for i in range(2)]
-    for path, rgb in zip(paths, synthetic_images()):
-        Image.fromarray(rgb).save(path)
-    return paths
-
-
 def verify_end_to_end(bundle, source: ReferenceSource, images: list[Path], prompts: list[str],
                       follow_ups: list[str] = (), new_tokens: int = 16, backend: str = "ort",
                       **backend_options) -> list[CaseResult]:
@@ -143,22 +133,26 @@ def verify_end_to_end(bundle, source: ReferenceSource, images: list[Path], promp
     pipe = VisionChatPipeline(bundle, backend, **backend_options)
     cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, stop_on_eos=False, stop_strings=())
     results = []
+    from PIL import Image
+
+    # (label, image): the given files, else two synthetic pictures (no files ship with vlm2om)
+    cases = [(str(p), Path(p)) for p in images] or \
+        [(f"synthetic{i}", Image.fromarray(rgb)) for i, rgb in enumerate(synthetic_images())]
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for image in [Path(p) for p in images] or default_images(Path(tmp)):
-                for prompt in prompts:
-                    chat, turns = pipe.chat(image), []
-                    for turn, question in enumerate([prompt, *follow_ups], 1):
-                        recorded: list[np.ndarray] = []
-                        pipe.decoder.on_logits = recorded.append
-                        for _ in chat.ask(question, cfg):
-                            pass
-                        turns.append((question, None))
-                        res = CaseResult(len(results), str(image), question, turn, chat.last.prompt_tokens)
-                        results.append(res)
-                        prompt_keys = chat.cached_keys[:chat.last.prompt_tokens]
-                        _judge_case(res, ref, image, turns, prompt_keys, chat.last.tokens, recorded, limits)
-                        turns[-1] = (question, chat.last.text)  # the history the next turn renders
+        for label, image in cases:
+            for prompt in prompts:
+                chat, turns = pipe.chat(image), []
+                for turn, question in enumerate([prompt, *follow_ups], 1):
+                    recorded: list[np.ndarray] = []
+                    pipe.decoder.on_logits = recorded.append
+                    for _ in chat.ask(question, cfg):
+                        pass
+                    turns.append((question, None))
+                    res = CaseResult(len(results), label, question, turn, chat.last.prompt_tokens)
+                    results.append(res)
+                    prompt_keys = chat.cached_keys[:chat.last.prompt_tokens]
+                    _judge_case(res, ref, image, turns, prompt_keys, chat.last.tokens, recorded, limits)
+                    turns[-1] = (question, chat.last.text)  # the history the next turn renders
     finally:
         pipe.decoder.on_logits = None
         pipe.close()

@@ -17,15 +17,12 @@ import numpy as np
 
 from .errors import InputError
 from .generation import GenerationConfig, Sampler, StopText
+from .pipeline import Answer
 from .prompts import Conversation, clean_answer, tokenize_prompt
 
 
 @dataclass
-class SequenceResult:
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str = ""
-    prompt_tokens: int = 0
+class SequenceResult(Answer):
     logits: list[np.ndarray] = field(default_factory=list)  # per step, when recorded
 
 

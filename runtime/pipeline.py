@@ -21,11 +21,17 @@ from .tokenizer import SentencePieceTokenizer
 
 
 @dataclass
-class GenerationResult:
+class Answer:
+    """What every generated answer reports (a chat turn, or one sequence of a batch)."""
+
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str = ""
     prompt_tokens: int = 0
+
+
+@dataclass
+class GenerationResult(Answer):
     reused_tokens: int = 0
     ttft_s: float = 0.0
     decode_s: float = 0.0
