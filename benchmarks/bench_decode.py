@@ -33,11 +33,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from exporters import minigpt4  # noqa: E402
-from exporters.bench_torch import hf_llama  # noqa: E402  (the name map `vlm2om bench --baseline torch` uses)
-from exporters.export import write_bundle  # noqa: E402
-from exporters.minigpt4 import ExportOptions, build_modules  # noqa: E402
-from exporters.reference import MiniGPT4Reference  # noqa: E402
-from runtime import GenerationConfig, open_bundle  # noqa: E402
+from vlm2om.exporters.verify.baseline import hf_llama  # noqa: E402  (the name map `vlm2om bench --baseline torch` uses)
+from vlm2om.exporters.core.driver import write_bundle  # noqa: E402
+from vlm2om.exporters.families.minigpt4.recipe import ExportOptions, build_modules  # noqa: E402
+from vlm2om.exporters.verify.torch_pipeline import MiniGPT4Reference  # noqa: E402
+from vlm2om.runtime import GenerationConfig, open_bundle  # noqa: E402
 
 IMAGE = ROOT / "examples" / "sample.png"
 QUESTION = "Describe this image in detail."

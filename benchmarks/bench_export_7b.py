@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from exporters.tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
-from graphs.eva_vit import EvaVisionEncoder, EvaVitConfig  # noqa: E402
-from graphs.qformer import QFormer, QFormerConfig  # noqa: E402
+from vlm2om.exporters.core.tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
+from vlm2om.graphs.eva_vit import EvaVisionEncoder, EvaVitConfig  # noqa: E402
+from vlm2om.graphs.qformer import QFormer, QFormerConfig  # noqa: E402
 
 LLAMA_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
             "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -127,7 +127,7 @@ def main() -> None:
         write_checkpoint(ckpt)
         print(f"  done in {time.perf_counter() - t0:.0f}s", flush=True)
     size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file()) / 1e9
-    vlm2om = [sys.executable, "-m", "exporters.cli"]
+    vlm2om = [sys.executable, "-m", "vlm2om"]
     rc, wall, rss = measured([*vlm2om, "export", "minigpt4", "--checkpoint", str(ckpt), "--out", str(out)])
     bundle = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e9 if rc == 0 else 0.0
     print(f"\nexport: checkpoint {size:.1f} GB -> bundle {bundle:.1f} GB, exit {rc}, "

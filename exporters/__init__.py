@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import importlib
 
-RECIPES = {"minigpt4": "exporters.minigpt4", "llava15": "exporters.llava"}
+RECIPES = {"minigpt4": "vlm2om.exporters.families.minigpt4.recipe", "llava15": "vlm2om.exporters.families.llava15.recipe"}
 
 
 def get_recipe(name: str):
     """Import and return the recipe module for ``name``; unknown names list the known ones."""
-    from runtime.errors import InputError
+    from vlm2om.runtime.errors import InputError
 
     if name not in RECIPES:
         raise InputError(f"unknown model '{name}' (available: {', '.join(sorted(RECIPES))})")

@@ -3,7 +3,7 @@
 This package never imports torch: a deploy box has numpy, Pillow, sentencepiece and one
 session backend (onnxruntime, or ais_bench on an Ascend NPU)::
 
-    from runtime import open_bundle
+    from vlm2om.runtime import open_bundle
     pipe = open_bundle("build/minigpt4")
     chat = pipe.chat(image="cat.jpg")
     for piece in chat.ask("What is in the picture?"):

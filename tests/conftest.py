@@ -8,15 +8,15 @@ TINY_GROUPS = 1  # layers per group: the tiny preset's two layers become two sti
 
 @pytest.fixture(scope="session")
 def tiny_opts():
-    from exporters.minigpt4 import ExportOptions
+    from vlm2om.exporters.families.minigpt4.recipe import ExportOptions
 
     return ExportOptions(preset="tiny", layers_per_group=TINY_GROUPS)
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_opts):
-    from exporters import minigpt4
-    from exporters.export import write_bundle
+    from vlm2om.exporters.families.minigpt4 import recipe as minigpt4
+    from vlm2om.exporters.core.driver import write_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "minigpt4-tiny"
     write_bundle(minigpt4.plan(tiny_opts), out, echo=lambda s: None)
@@ -26,7 +26,7 @@ def tiny_bundle(tmp_path_factory, tiny_opts):
 @pytest.fixture(scope="session")
 def tiny_modules(tiny_opts):
     """The same seeded weights as the bundle, rebuilt independently."""
-    from exporters.minigpt4 import build_modules
+    from vlm2om.exporters.families.minigpt4.recipe import build_modules
 
     return build_modules(tiny_opts)
 
@@ -41,9 +41,9 @@ def sample_image():
 @pytest.fixture(scope="session")
 def tiny_batch_bundle(tmp_path_factory, tiny_opts):
     """The tiny bundle exported with golden files and batch gears 1, 2, 4 (`export --golden --batch-gears`)."""
-    from exporters import minigpt4
-    from exporters.export import write_bundle
-    from exporters.export_extras import ExportExtras
+    from vlm2om.exporters.families.minigpt4 import recipe as minigpt4
+    from vlm2om.exporters.core.driver import write_bundle
+    from vlm2om.exporters.core.extras import ExportExtras
 
     out = tmp_path_factory.mktemp("bundles") / "minigpt4-tiny-batch"
     write_bundle(minigpt4.plan(tiny_opts), out, echo=lambda s: None,
@@ -54,9 +54,9 @@ def tiny_batch_bundle(tmp_path_factory, tiny_opts):
 @pytest.fixture(scope="session")
 def llava_batch_bundle(tmp_path_factory):
     """The tiny LLaVA-1.5 bundle with golden files and batch gears 1, 2."""
-    from exporters import llava
-    from exporters.export import write_bundle
-    from exporters.export_extras import ExportExtras
+    from vlm2om.exporters.families.llava15 import recipe as llava
+    from vlm2om.exporters.core.driver import write_bundle
+    from vlm2om.exporters.core.extras import ExportExtras
 
     out = tmp_path_factory.mktemp("bundles") / "llava15-tiny-batch"
     write_bundle(llava.plan(llava.ExportOptions(preset="tiny")), out, echo=lambda s: None,

@@ -9,7 +9,7 @@ import torch
 import transformers as T
 from safetensors.torch import save_file
 
-from exporters.tiny_tokenizer import VOCAB_SIZE, build_tiny_tokenizer
+from vlm2om.exporters.core.tiny_tokenizer import VOCAB_SIZE, build_tiny_tokenizer
 
 IMAGE_TOKEN = VOCAB_SIZE  # <image> right after the SentencePiece pieces, as llava-hf's 32000
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,

@@ -7,11 +7,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import ImageOps
 
-from exporters.cli import main
-from runtime import GenerationConfig, InputError, open_bundle
-from runtime.batch import BatchGenerator, generate_batch
-from runtime.bench import SEED_COLUMNS
-from runtime.kv_cache import KVCache
+from vlm2om.exporters.cli.main import main
+from vlm2om.runtime import GenerationConfig, InputError, open_bundle
+from vlm2om.runtime.batch import BatchGenerator, generate_batch
+from vlm2om.runtime.bench import SEED_COLUMNS
+from vlm2om.runtime.kv_cache import KVCache
 
 GREEDY = GenerationConfig(max_new_tokens=12, do_sample=False, stop_on_eos=False, stop_strings=())
 QUESTIONS = ["Describe this image in detail.", "What is it?", "Tell me about the colours, the shapes and the light."]
@@ -100,8 +100,8 @@ def test_bundle_without_batch_gears_runs_batch_one_only(tiny_bundle, sample_imag
 
 
 def test_batch_gears_respect_the_atc_limit(tiny_opts):
-    from exporters import minigpt4
-    from exporters.export_extras import apply_batch_gears, check_batch_gears
+    from vlm2om.exporters.families.minigpt4 import recipe as minigpt4
+    from vlm2om.exporters.core.extras import apply_batch_gears, check_batch_gears
 
     plan = minigpt4.plan(tiny_opts.__class__(preset="tiny", seq_gears=(1, 2, 4, 8, 16), cache_gears=(128, 256, 512)))
     with pytest.raises(InputError, match=r"graph 'decoder_0': 15 seq/cache gears x 8 batch gears = 120"):

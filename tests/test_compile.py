@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from exporters import atc
-from exporters.compile import CompileError, CompileOptions, atc_version, compile_bundle
+from vlm2om.exporters.ascend import atc
+from vlm2om.exporters.ascend.compile import CompileError, CompileOptions, atc_version, compile_bundle
 from fake_cann import install_fake_cann
-from runtime import Bundle
+from vlm2om.runtime import Bundle
 
 DECODER = {
     "file": "decoder_0.onnx",
@@ -204,6 +204,6 @@ def test_compile_and_lint_need_no_torch(bundle_copy, tmp_path):
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(root)]))
     for args in (["compile", bundle_copy, "--script-only"], ["lint", bundle_copy, "--no-info"]):
-        r = subprocess.run([sys.executable, "-m", "exporters.cli", *map(str, args)], env=env, cwd=root,
+        r = subprocess.run([sys.executable, "-m", "vlm2om", *map(str, args)], env=env, cwd=root,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr

@@ -10,10 +10,10 @@ import json
 
 from click.testing import CliRunner
 
-from exporters.cli import main
-from exporters.reference import MiniGPT4Reference
-from runtime import GenerationConfig, open_bundle
-from runtime.batch import generate_batch
+from vlm2om.exporters.cli.main import main
+from vlm2om.exporters.verify.torch_pipeline import MiniGPT4Reference
+from vlm2om.runtime import GenerationConfig, open_bundle
+from vlm2om.runtime.batch import generate_batch
 
 NEW_TOKENS = 40
 GREEDY = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, stop_on_eos=False, stop_strings=())
@@ -77,9 +77,9 @@ def test_stop_string_and_streaming(tiny_bundle, sample_image):
 def test_bundle_whose_last_group_returns_every_position(tmp_path, tiny_opts, tiny_bundle, sample_image):
     """A bundle exported before ``logits_index`` (last group: logits [B, S, V]) still runs, with
     the tokens of one that has it; and its output really is every position's."""
-    from exporters import minigpt4
-    from exporters.export import write_bundle
-    from exporters.subgraph import TensorDecl
+    from vlm2om.exporters.families.minigpt4 import recipe as minigpt4
+    from vlm2om.exporters.core.driver import write_bundle
+    from vlm2om.exporters.core.subgraph import TensorDecl
 
     plan = minigpt4.plan(tiny_opts)
     last = plan.subgraphs[-1]

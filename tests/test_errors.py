@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from runtime import BundleError, GenerationConfig, InputError, open_bundle
+from vlm2om.runtime import BundleError, GenerationConfig, InputError, open_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "exporters.cli", *map(str, args)], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "vlm2om", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, **kw)
 
 
@@ -99,8 +99,9 @@ def test_refuses_to_replace_a_non_bundle_folder(tmp_path):
 
 
 def test_failed_export_keeps_previous_bundle(bundle_copy, tiny_opts, monkeypatch):
-    from exporters import minigpt4, verify
-    from exporters.export import write_bundle
+    from vlm2om.exporters.families.minigpt4 import recipe as minigpt4
+    from vlm2om.exporters.verify import metrics as verify
+    from vlm2om.exporters.core.driver import write_bundle
 
     before = (bundle_copy / "manifest.json").read_bytes()
     monkeypatch.setitem(verify.THRESHOLDS, "float32", {"cosine": 1.1, "rel_euclid": -1.0})

@@ -8,13 +8,13 @@ import torch
 from click.testing import CliRunner
 from test_minigpt4_checkpoints import EVA, QF, _modules, _write_dir
 
-from exporters import minigpt4
-from exporters.checkpoints import CheckpointError
-from exporters.cli import main
-from exporters.export import write_bundle
-from exporters.tiny_tokenizer import build_tiny_tokenizer
-from runtime.bundle import Bundle
-from runtime.backends import open_session
+from vlm2om.exporters.families.minigpt4 import recipe as minigpt4
+from vlm2om.exporters.core.checkpoints import CheckpointError
+from vlm2om.exporters.cli.main import main
+from vlm2om.exporters.core.driver import write_bundle
+from vlm2om.exporters.core.tiny_tokenizer import build_tiny_tokenizer
+from vlm2om.runtime.bundle import Bundle
+from vlm2om.runtime.backends import open_session
 
 
 def _close(got, want, dtype, atol):

@@ -13,9 +13,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from exporters import minigpt4, onnx_export
-from exporters.export import write_bundle
-from runtime import GenerationConfig, open_bundle
+from vlm2om.exporters.families.minigpt4 import recipe as minigpt4
+
+from vlm2om.exporters.core import onnx_export
+from vlm2om.exporters.core.driver import write_bundle
+from vlm2om.runtime import GenerationConfig, open_bundle
 
 
 def test_each_graph_is_built_only_after_the_previous_one_is_freed(tmp_path, tiny_opts):
@@ -93,8 +95,8 @@ def test_float16_graphs_verify_against_float16_torch(tmp_path, name):
 
 def test_eva_block_slices_chain_to_the_whole_encoder():
     """A ViT exported as several smaller graphs computes what the whole encoder computes."""
-    from graphs.common import init_random_
-    from graphs.eva_vit import EvaVisionEncoder, EvaVitConfig
+    from vlm2om.graphs.common import init_random_
+    from vlm2om.graphs.eva_vit import EvaVisionEncoder, EvaVitConfig
 
     cfg = EvaVitConfig(width=32, depth=4, heads=2, mlp_dim=64)
     whole = init_random_(EvaVisionEncoder(cfg), 1).eval()

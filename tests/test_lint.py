@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters import lint
-from exporters.lint import Finding, cann_ops, cann_target, keep_dtype_plan, lint_bundle_files, lint_path
+from vlm2om.exporters.ascend import lint
+from vlm2om.exporters.ascend.lint import Finding, cann_ops, cann_target, keep_dtype_plan, lint_bundle_files, lint_path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -190,7 +190,7 @@ def test_fp16_plan_names_the_norm_chain_softmax_and_exp(tmp_path):
 
 def test_lint_cli(tmp_path, tiny_bundle):
     bad = _save(tmp_path, [helper.make_node("Unique", ["x"], ["y"], name="/dedup/Unique")])
-    run = lambda *a: subprocess.run([sys.executable, "-m", "exporters.cli", "lint", *map(str, a)],  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "vlm2om", "lint", *map(str, a)],  # noqa: E731
                                     cwd=ROOT, capture_output=True, text=True, timeout=120)
     r = run(bad)
     assert r.returncode == 1 and "/dedup/Unique" in r.stdout and "Unique" in r.stdout
@@ -203,8 +203,8 @@ def test_lint_cli(tmp_path, tiny_bundle):
 
 def test_export_refuses_a_bundle_with_lint_errors(tmp_path, tiny_opts, monkeypatch):
     """An op ATC does not know stops the export (nothing written) unless told to keep going."""
-    from exporters import minigpt4
-    from exporters.export import LintFailed, write_bundle
+    from vlm2om.exporters.families.minigpt4 import recipe as minigpt4
+    from vlm2om.exporters.core.driver import LintFailed, write_bundle
 
     known = lint.cann_ops(cann_target("7.0"))
     monkeypatch.setattr(lint, "cann_ops", lambda target: known - {"gather"})
@@ -225,7 +225,7 @@ def test_export_refuses_a_bundle_with_lint_errors(tmp_path, tiny_opts, monkeypat
 
 
 def test_export_records_the_keep_dtype_plan(tiny_bundle):
-    from runtime.bundle import Bundle
+    from vlm2om.runtime.bundle import Bundle
 
     m = Bundle.open(tiny_bundle).manifest
     plan = m["atc"]["keep_dtype"]

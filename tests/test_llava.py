@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 
 import ais_bench_standin as standin
-from exporters import RECIPES, llava
-from exporters.compile import CompileOptions, compile_bundle
-from exporters.export import write_bundle
-from exporters.lint import keep_dtype_plan, lint_path
+from vlm2om.exporters import RECIPES
+from vlm2om.exporters.families.llava15 import recipe as llava
+from vlm2om.exporters.ascend.compile import CompileOptions, compile_bundle
+from vlm2om.exporters.core.driver import write_bundle
+from vlm2om.exporters.ascend.lint import keep_dtype_plan, lint_path
 from fake_cann import install_fake_cann
 from test_llava_parts import LLAVA_V1, VICUNA_V1
-from runtime import Bundle, GenerationConfig, InputError, open_bundle
+from vlm2om.runtime import Bundle, GenerationConfig, InputError, open_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 GREEDY = GenerationConfig(max_new_tokens=12, stop_on_eos=False)
@@ -33,7 +34,7 @@ def llava_bundle(tmp_path_factory):
 
 def test_manifest_records_llava_eval_settings(llava_bundle):
     m = Bundle.open(llava_bundle).manifest
-    assert RECIPES["llava15"] == "exporters.llava"
+    assert RECIPES["llava15"] == "vlm2om.exporters.families.llava15.recipe"
     assert (m["family"], m["variant"], m["dtype"]) == ("llava15", "tiny", "float32")
     assert list(m["graphs"]) == ["vision", "projector", "embed", "decoder_0", "decoder_1"]
     assert m["pipeline"]["image_graphs"] == ["vision", "projector"] and m["pipeline"]["image_tokens"] == 16
@@ -109,7 +110,7 @@ def test_om_stand_in_gives_the_same_tokens_as_onnxruntime(llava_bundle, tmp_path
 
 def test_cli_export_and_run_as_make_export_does(tmp_path, sample_image):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cli = [sys.executable, "-m", "exporters.cli"]
+    cli = [sys.executable, "-m", "vlm2om"]
     out = tmp_path / "llava15"
     r = subprocess.run([*cli, "export", "llava15", "--preset", "tiny", "--out", str(out)], env=env,
                        capture_output=True, text=True, timeout=300)

@@ -11,16 +11,16 @@ from llava_tiny import (IMAGE_TOKEN, IMAGE_TOKENS, TEXT, VISION, hf_config, hf_l
                         write_llava_hf, write_llava_original)
 from safetensors.torch import load_file, save_file
 
-from exporters import llava
-from exporters.checkpoints import CheckpointError
-from exporters.export import write_bundle
-from exporters.llama_weights import LLAMA_DEFAULTS, decoder_group_state, embed_state, llama_config
-from exporters.llava_weights import check_checkpoint, clip_config, open_checkpoint, projector_state, vision_state
-from graphs.clip_vit import ClipVisionConfig
-from graphs.llama import LlamaConfig
-from runtime import open_bundle
-from runtime.preprocess import preprocess
-from runtime.prompts import Conversation, tokenize_prompt
+from vlm2om.exporters.families.llava15 import recipe as llava
+from vlm2om.exporters.core.checkpoints import CheckpointError
+from vlm2om.exporters.core.driver import write_bundle
+from vlm2om.exporters.llm.llama_weights import LLAMA_DEFAULTS, decoder_group_state, embed_state, llama_config
+from vlm2om.exporters.families.llava15.checkpoint import check_checkpoint, clip_config, open_checkpoint, projector_state, vision_state
+from vlm2om.graphs.clip_vit import ClipVisionConfig
+from vlm2om.graphs.llama import LlamaConfig
+from vlm2om.runtime import open_bundle
+from vlm2om.runtime.preprocess import preprocess
+from vlm2om.runtime.prompts import Conversation, tokenize_prompt
 
 LAYOUTS = {  # name -> (writer, expected layout, key of one ignored tensor)
     "hf-saved": (lambda d, m: write_llava_hf(d, m, "saved"), "llava-hf",

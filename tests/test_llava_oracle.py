@@ -21,11 +21,11 @@ from llava_tiny import IMAGE_TOKEN, IMAGE_TOKENS, VISION, hf_llava, write_llava_
 from PIL import Image
 from test_llava_parts import llava_expand2square
 
-from exporters import llava
-from exporters.export import write_bundle
-from runtime import GenerationConfig, open_bundle
-from runtime.preprocess import preprocess
-from runtime.prompts import Conversation, tokenize_prompt
+from vlm2om.exporters.families.llava15 import recipe as llava
+from vlm2om.exporters.core.driver import write_bundle
+from vlm2om.runtime import GenerationConfig, open_bundle
+from vlm2om.runtime.preprocess import preprocess
+from vlm2om.runtime.prompts import Conversation, tokenize_prompt
 
 QUESTION = "What is in the picture?"
 NEW_TOKENS = 24

@@ -17,12 +17,12 @@ import torch
 import transformers as T
 from PIL import Image
 
-from exporters.onnx_export import export_onnx
-from exporters.subgraph import Subgraph, TensorDecl
-from graphs.clip_vit import ClipVisionConfig, ClipVisionTower
-from graphs.projector import Bridge, MlpGeluProjector, MlpGeluProjectorConfig
-from runtime.preprocess import preprocess
-from runtime.prompts import Conversation, clean_answer, tokenize_prompt
+from vlm2om.exporters.core.onnx_export import export_onnx
+from vlm2om.exporters.core.subgraph import Subgraph, TensorDecl
+from vlm2om.graphs.clip_vit import ClipVisionConfig, ClipVisionTower
+from vlm2om.graphs.projector import Bridge, MlpGeluProjector, MlpGeluProjectorConfig
+from vlm2om.runtime.preprocess import preprocess
+from vlm2om.runtime.prompts import Conversation, clean_answer, tokenize_prompt
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -245,8 +245,8 @@ def test_two_style_rendering(spec):
 @pytest.fixture(scope="module")
 def tiny_tokenizers(tmp_path_factory):
     """(our SentencePiece tokenizer, transformers' LlamaTokenizer per legacy flag) on one model."""
-    from exporters.tiny_tokenizer import build_tiny_tokenizer
-    from runtime.tokenizer import SentencePieceTokenizer
+    from vlm2om.exporters.core.tiny_tokenizer import build_tiny_tokenizer
+    from vlm2om.runtime.tokenizer import SentencePieceTokenizer
 
     d = tmp_path_factory.mktemp("tok")
     (d / "tokenizer.model").write_bytes(build_tiny_tokenizer())

@@ -10,17 +10,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from exporters import checkpoints
-from exporters.checkpoints import CheckpointError, load_pickle
-from exporters.minigpt4_weights import (check_llm_keys, decoder_group_state, embed_state,
+from vlm2om.exporters.core import checkpoints
+from vlm2om.exporters.core.checkpoints import CheckpointError, load_pickle
+from vlm2om.exporters.families.minigpt4.checkpoint import (check_llm_keys, decoder_group_state, embed_state,
                                         find_files, projector_state, qformer_state,
                                         read_llama_config, vision_state)
-from graphs.common import init_random_
-from graphs.eva_vit import EvaVisionEncoder, EvaVitConfig
-from graphs.llama import LlamaConfig, LlamaDecoderGroup, LlamaEmbedding
-from graphs.projector import LinearProjector, LinearProjectorConfig
-from graphs.qformer import QFormer, QFormerConfig
-from runtime.errors import Vlm2omError
+from vlm2om.graphs.common import init_random_
+from vlm2om.graphs.eva_vit import EvaVisionEncoder, EvaVitConfig
+from vlm2om.graphs.llama import LlamaConfig, LlamaDecoderGroup, LlamaEmbedding
+from vlm2om.graphs.projector import LinearProjector, LinearProjectorConfig
+from vlm2om.graphs.qformer import QFormer, QFormerConfig
+from vlm2om.runtime.errors import Vlm2omError
 
 EVA = EvaVitConfig(image_size=28, patch_size=14, width=16, depth=2, heads=2, mlp_dim=24)
 QF = QFormerConfig(hidden=16, layers=3, heads=2, ffn=24, encoder_width=16, num_query=4)

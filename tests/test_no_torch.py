@@ -19,7 +19,7 @@ sys.meta_path.insert(0, _NoTorch())
 
 PROBE = '''
 import sys
-from runtime import GenerationConfig, open_bundle
+from vlm2om.runtime import GenerationConfig, open_bundle
 pipe = open_bundle(sys.argv[1])
 print(pipe.generate(sys.argv[2], "What is in the image?", GenerationConfig(max_new_tokens=8)))
 assert not any(m.split(".")[0] == "torch" for m in sys.modules), "torch was imported"
@@ -47,7 +47,7 @@ def test_runtime_api_without_torch(tmp_path, tiny_bundle, sample_image):
 
 
 def test_cli_run_and_chat_without_torch(tmp_path, tiny_bundle, sample_image):
-    base = [sys.executable, "-m", "exporters.cli"]
+    base = [sys.executable, "-m", "vlm2om"]
     r = subprocess.run([*base, "run", str(tiny_bundle), "--image", str(sample_image), "--prompt", "Hi",
                         "--max-new-tokens", "6", "--stats"], env=_env(tmp_path), capture_output=True,
                        text=True, timeout=120)
@@ -62,7 +62,7 @@ def test_cli_run_and_chat_without_torch(tmp_path, tiny_bundle, sample_image):
 
 def test_golden_verify_and_bench_without_torch(tmp_path, tiny_batch_bundle):
     """The Ascend box checks its graphs against the stored golden outputs and measures them."""
-    base = [sys.executable, "-m", "exporters.cli"]
+    base = [sys.executable, "-m", "vlm2om"]
     r = subprocess.run([*base, "verify", str(tiny_batch_bundle), "--golden", "--out", str(tmp_path / "rep")],
                        env=_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

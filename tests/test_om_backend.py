@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import ais_bench_standin as standin
-from exporters.compile import CompileOptions, compile_bundle
+from vlm2om.exporters.ascend.compile import CompileOptions, compile_bundle
 from fake_cann import install_fake_cann
-from runtime import Bundle, BundleError, GenerationConfig, InputError, open_bundle
-from runtime.backends import open_session, resolve_backend
+from vlm2om.runtime import Bundle, BundleError, GenerationConfig, InputError, open_bundle
+from vlm2om.runtime.backends import open_session, resolve_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 GREEDY = GenerationConfig(do_sample=False, max_new_tokens=12, stop_on_eos=False)
@@ -139,7 +139,7 @@ def test_cli_backend_auto_runs_om(compiled, tmp_path, sample_image):
         "itf.InferSession = s.InferSession\npkg.infer, inf.interface = inf, itf\n"
         "sys.modules.update({m.__name__: m for m in (pkg, inf, itf)})\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT / "tests"), str(ROOT)]))
-    base = [sys.executable, "-m", "exporters.cli", "run", str(compiled), "--image", str(sample_image),
+    base = [sys.executable, "-m", "vlm2om", "run", str(compiled), "--image", str(sample_image),
             "--prompt", "Hi", "--greedy", "--max-new-tokens", "6", "--stats"]
     om = subprocess.run(base + ["--device-id", "1"], env=env, capture_output=True, text=True, timeout=120)
     ort = subprocess.run(base + ["--backend", "ort"], env=env, capture_output=True, text=True, timeout=120)

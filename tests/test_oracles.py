@@ -14,10 +14,10 @@ import transformers as T
 from torch import nn
 from torch.nn import functional as F
 
-from graphs.common import init_random_
-from graphs.eva_vit import EvaVisionEncoder, EvaVitConfig
-from graphs.llama import LlamaConfig, LlamaDecoderGroup, LlamaEmbedding
-from graphs.qformer import QFormer, QFormerConfig
+from vlm2om.graphs.common import init_random_
+from vlm2om.graphs.eva_vit import EvaVisionEncoder, EvaVitConfig
+from vlm2om.graphs.llama import LlamaConfig, LlamaDecoderGroup, LlamaEmbedding
+from vlm2om.graphs.qformer import QFormer, QFormerConfig
 
 ATOL = 1e-4
 

@@ -11,12 +11,12 @@ import torch
 from click.testing import CliRunner
 from test_verify_report import _copy, perturb
 
-from exporters.bench_torch import hf_llama
-from exporters.cli import main
-from exporters.reference import LlavaReference, MiniGPT4Reference
-from runtime import prompts as runtime_prompts
-from runtime.bench import SEED_COLUMNS
-from runtime.errors import InputError
+from vlm2om.exporters.verify.baseline import hf_llama
+from vlm2om.exporters.cli.main import main
+from vlm2om.exporters.verify.torch_pipeline import LlavaReference, MiniGPT4Reference
+from vlm2om.runtime import prompts as runtime_prompts
+from vlm2om.runtime.bench import SEED_COLUMNS
+from vlm2om.runtime.errors import InputError
 
 VERIFY = ["--prompt", "What is it?", "--new-tokens", "6"]
 
@@ -62,7 +62,7 @@ def test_a_wrong_follow_up_layout_is_named(llava_batch_bundle, tmp_path, sample_
 def test_llava_reference_tokenizes_with_transformers(llava_batch_bundle):
     """The reference's ids come from transformers' LlamaTokenizer, not the runtime: its legacy flag
     changes the text right after "</s>", and nothing else."""
-    from exporters.llava import ExportOptions, build_modules
+    from vlm2om.exporters.families.llava15.recipe import ExportOptions, build_modules
 
     manifest = json.loads((llava_batch_bundle / "manifest.json").read_text())
     mods = build_modules(ExportOptions(preset="tiny"))
@@ -101,7 +101,7 @@ def test_bench_baseline_torch(bundle, model, length, request, tmp_path):
 
 
 def test_unknown_family_has_no_reference(tiny_modules, tiny_bundle):
-    from exporters.reference import make_reference
+    from vlm2om.exporters.verify.torch_pipeline import make_reference
 
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     with pytest.raises(InputError, match="no PyTorch reference pipeline for vlmo bundles"):
@@ -118,9 +118,9 @@ def test_llava_golden_end_to_end_without_the_reference(llava_batch_bundle, tmp_p
 
 
 def test_golden_without_room_for_the_end_to_end_case_says_so(tmp_path):
-    from exporters import minigpt4
-    from exporters.export import write_bundle
-    from exporters.export_extras import ExportExtras
+    from vlm2om.exporters.families.minigpt4 import recipe as minigpt4
+    from vlm2om.exporters.core.driver import write_bundle
+    from vlm2om.exporters.core.extras import ExportExtras
 
     said = []
     opts = minigpt4.ExportOptions(preset="tiny", cache_gears=(128,))  # the 118-position prompt + 16 > 128
@@ -133,10 +133,10 @@ def test_golden_without_room_for_the_end_to_end_case_says_so(tmp_path):
 def test_llava_reference_without_transformers_says_what_to_install(llava_batch_bundle, monkeypatch, tmp_path):
     import sys
 
-    from exporters import llava
-    from exporters.export import write_bundle
-    from exporters.export_extras import ExportExtras
-    from exporters.reference import make_reference
+    from vlm2om.exporters.families.llava15 import recipe as llava
+    from vlm2om.exporters.core.driver import write_bundle
+    from vlm2om.exporters.core.extras import ExportExtras
+    from vlm2om.exporters.verify.torch_pipeline import make_reference
 
     manifest = json.loads((llava_batch_bundle / "manifest.json").read_text())
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers fails
@@ -158,7 +158,7 @@ def test_golden_takes_no_reference_cases(tiny_batch_bundle, tmp_path, sample_ima
 
 def test_golden_verify_with_low_memory(tiny_batch_bundle, tmp_path, monkeypatch):
     """A bundle larger than the machine (7B on onnxruntime's CPU kernels): every run loads its graph."""
-    from runtime import backends
+    from vlm2om.runtime import backends
 
     runs = []
     real = backends.StreamedSession.run
@@ -172,9 +172,9 @@ def test_golden_verify_with_low_memory(tiny_batch_bundle, tmp_path, monkeypatch)
 def test_float16_golden_end_to_end(tmp_path):
     """float16 graphs keep their LayerNorms in fp32 (an EVA slice's first parameter is one): the
     golden case must still run every module in the graph's dtype, and verify within fp16 limits."""
-    from exporters import minigpt4
-    from exporters.export import write_bundle
-    from exporters.export_extras import ExportExtras
+    from vlm2om.exporters.families.minigpt4 import recipe as minigpt4
+    from vlm2om.exporters.core.driver import write_bundle
+    from vlm2om.exporters.core.extras import ExportExtras
 
     opts = minigpt4.ExportOptions(preset="tiny", dtype="float16", vision_graphs=2)
     write_bundle(minigpt4.plan(opts), tmp_path / "b", echo=lambda s: None, extras=ExportExtras(golden=True))
@@ -187,8 +187,8 @@ def test_float16_golden_end_to_end(tmp_path):
 
 def test_an_empty_answer_renders_as_the_runtime_renders_it(llava_batch_bundle, tiny_bundle, tiny_modules):
     """FastChat and MiniGPT-4 skip an empty message (``if message``); so do both references."""
-    from exporters.llava import ExportOptions, build_modules
-    from runtime.prompts import Conversation
+    from vlm2om.exporters.families.llava15.recipe import ExportOptions, build_modules
+    from vlm2om.runtime.prompts import Conversation
 
     for bundle, mods, make in ((tiny_bundle, tiny_modules, MiniGPT4Reference),
                                (llava_batch_bundle, build_modules(ExportOptions(preset="tiny")), LlavaReference)):
@@ -202,7 +202,7 @@ def test_an_empty_answer_renders_as_the_runtime_renders_it(llava_batch_bundle, t
 
 
 def test_layout_difference_names_the_place():
-    from exporters.verify_e2e import layout_difference
+    from vlm2om.exporters.verify.cases import layout_difference
 
     assert layout_difference([[1, 5], [7, 8]], [[1, 5], [7, 8]]) == ""
     assert "after the image at text position 1: bundle [9]" in layout_difference([[1, 5], [7, 9]], [[1, 5], [7, 8]])

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.errors import InputError
-from runtime.gears import select_gear
-from runtime.generation import GenerationConfig, Sampler, StopText
-from runtime.kv_cache import KVCache
-from runtime.preprocess import preprocess
+from vlm2om.runtime.errors import InputError
+from vlm2om.runtime.gears import select_gear
+from vlm2om.runtime.generation import GenerationConfig, Sampler, StopText
+from vlm2om.runtime.kv_cache import KVCache
+from vlm2om.runtime.preprocess import preprocess
 
 
 def _hf_scores(logits, generated, cfg):
@@ -62,7 +62,7 @@ def test_stop_text_holds_back_partial_stop():
 
 
 def test_detokenizer_matches_sentencepiece(tiny_bundle):
-    from runtime.tokenizer import SentencePieceTokenizer
+    from vlm2om.runtime.tokenizer import SentencePieceTokenizer
 
     tok = SentencePieceTokenizer(tiny_bundle / "tokenizer.model", 1, 2)
     rng = np.random.default_rng(0)
@@ -75,7 +75,7 @@ def test_detokenizer_matches_sentencepiece(tiny_bundle):
 def test_preprocess_matches_torch_reference(tiny_bundle, tiny_modules, sample_image):
     import json
 
-    from exporters.reference import MiniGPT4Reference
+    from vlm2om.exporters.verify.torch_pipeline import MiniGPT4Reference
 
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     ours = preprocess(sample_image, manifest["preprocess"]["steps"])
@@ -92,7 +92,7 @@ def test_gear_selection():
 
 
 def test_chunk_plan_minimises_padded_work():
-    from runtime.gears import plan_chunks
+    from vlm2om.runtime.gears import plan_chunks
 
     assert plan_chunks(118, [1, 16, 64, 256]) == [64, 54]  # not one 256 chunk
     assert plan_chunks(1, [1, 16, 64]) == [1]

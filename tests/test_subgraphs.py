@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from exporters import minigpt4
-from runtime.bundle import Bundle
-from runtime.backends import open_session
+from vlm2om.exporters.families.minigpt4 import recipe as minigpt4
+from vlm2om.runtime.bundle import Bundle
+from vlm2om.runtime.backends import open_session
 
 
 def test_every_subgraph_on_an_unverified_gear(tiny_bundle, tiny_opts, tiny_modules):

@@ -11,9 +11,9 @@ import onnx
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from exporters.cli import main
-from exporters.verify import E2E_THRESHOLDS, THRESHOLDS
-from runtime.bundle import sha256_file
+from vlm2om.exporters.cli.main import main
+from vlm2om.exporters.verify.metrics import E2E_THRESHOLDS, THRESHOLDS
+from vlm2om.runtime.bundle import sha256_file
 
 
 def _copy(src, tmp_path):
@@ -91,7 +91,7 @@ def test_golden_end_to_end_case_is_the_whole_reference(tiny_batch_bundle, tiny_m
     reference pipeline run on all modules at once over the same prompt and answer."""
     import torch
 
-    from exporters.reference import MiniGPT4Reference
+    from vlm2om.exporters.verify.torch_pipeline import MiniGPT4Reference
 
     m = json.loads((tiny_batch_bundle / "manifest.json").read_text())
     (case,) = m["verification"]["golden"]["end_to_end"]
@@ -153,7 +153,7 @@ def test_golden_verify_on_om_files(tiny_batch_bundle, tmp_path, monkeypatch):
     """The Ascend box's check: the OM files (fake ATC, ais_bench stand-in) against the golden outputs,
     judged by the float16 thresholds since ATC compiled them with force_fp16."""
     import ais_bench_standin as standin
-    from exporters.compile import CompileOptions, compile_bundle
+    from vlm2om.exporters.ascend.compile import CompileOptions, compile_bundle
     from fake_cann import install_fake_cann
 
     bundle = _copy(tiny_batch_bundle, tmp_path)

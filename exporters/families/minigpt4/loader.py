@@ -1,0 +1,55 @@
+"""MiniGPT-4's graphs from a real checkpoint folder (layout: minigpt4_weights).
+
+Every key and shape of every file is checked before any export work starts, so a bad
+folder fails in seconds, not after an hour of exporting. Each module is then built on the
+meta device and handed its checkpoint tensors only when the export reaches its graph.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vlm2om.graphs.common import cast_module
+from vlm2om.graphs.eva_vit import EvaVisionEncoder, EvaVitConfig
+from vlm2om.graphs.projector import Bridge, LinearProjector, LinearProjectorConfig
+from vlm2om.graphs.qformer import QFormer, QFormerConfig
+
+from vlm2om.exporters.llm import llama_weights as lw
+from vlm2om.exporters.families.minigpt4 import checkpoint as w
+from vlm2om.exporters.core.checkpoints import check_plans
+from vlm2om.exporters.core.recipe import Gears, assign, checkpoint_llm
+
+
+def load_parts(checkpoint: Path, dtype: str, gears: Gears, vision: EvaVitConfig | None = None,
+               qformer: QFormerConfig | None = None, vision_graphs: int | None = None):
+    from vlm2om.exporters.families.minigpt4.recipe import ExportOptions, MiniGPT4Parts
+
+    files = w.find_files(checkpoint)
+    llama = lw.read_llama_config(files.llm_dir)
+    vcfg = vision or EvaVitConfig()
+    qcfg = qformer or QFormerConfig(encoder_width=vcfg.width)
+    pcfg = LinearProjectorConfig(qcfg.hidden, llama.hidden)
+    td = getattr(torch, dtype)
+    plans = [*w.vision_plans(files, vcfg), *w.qformer_plans(files, qcfg), *w.projector_plans(files, pcfg)]
+    check_plans(plans, "the MiniGPT-4 image side")
+    ignored = w.check_llm_keys(files, llama).ignored_lines()
+    ignored += [f"{p.source.name}: {k} ({why})" for p in plans for k, why in p.ignored]
+    del plans  # drop the file handles; each build reopens only what it reads
+
+    # The image side is read at the checkpoint's own dtype: its LayerNorms stay fp32 (cast_module).
+    bounds = ExportOptions(checkpoint=checkpoint, vision_graphs=vision_graphs).vision_bounds(vcfg.depth)
+
+    def build_vision(i: int):
+        blocks = bounds[i]
+        return cast_module(assign(lambda: EvaVisionEncoder(vcfg, blocks),
+                                  w.vision_state(files, vcfg, blocks=blocks).state), td)
+
+    def build_bridge():
+        q = assign(lambda: QFormer(qcfg), w.qformer_state(files, qcfg).state)
+        return cast_module(Bridge(q, assign(lambda: LinearProjector(pcfg), w.projector_state(files, pcfg).state)), td)
+
+    llm = checkpoint_llm(files.llm_dir, llama, lw.vicuna_keys(files.llm_dir), gears, dtype)
+    return MiniGPT4Parts(vcfg, qcfg, llm, files.tokenizer_model.read_bytes(),
+                         {"checkpoint": str(checkpoint), "ignored_keys": ignored}, bounds, build_vision,
+                         build_bridge)

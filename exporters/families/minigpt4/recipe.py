@@ -1,0 +1,187 @@
+"""MiniGPT-4 (Vicuna v0 7B) recipe.
+
+Subgraphs: ``vision`` EVA-ViT-g + ln_vision [1,3,224,224] -> [1,257,1408] (for a checkpoint
+``vision_0``, ``vision_1``: the 39 blocks in two graphs, chained); ``bridge`` Q-Former +
+llama_proj -> [1,32,4096]; ``embed``; ``decoder_*`` Llama layer groups.
+Prompt, preprocessing and generation defaults follow MiniGPT-4's demo for vicuna0
+(``CONV_VISION_Vicuna0``, ``Blip2ImageEvalProcessor``, ``Chat.answer``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from vlm2om.graphs.common import cast_module, init_random_
+from vlm2om.graphs.eva_vit import EvaVisionEncoder, EvaVitConfig
+from vlm2om.graphs.llama import LlamaConfig
+from vlm2om.graphs.projector import Bridge, LinearProjector, LinearProjectorConfig
+from vlm2om.graphs.qformer import QFormer, QFormerConfig
+
+from vlm2om.runtime.errors import InputError
+
+from vlm2om.exporters.core.driver import ExportPlan
+from vlm2om.exporters.llm.llama import group_bounds
+from vlm2om.exporters.core.recipe import (CLIP_MEAN, CLIP_STD, Gears, LlmParts, RecipeOptions, ReferenceModules, assemble,
+                     check_preset, image_graph, random_llm, reference_modules, resolve_gears)
+from vlm2om.exporters.core.subgraph import Subgraph, TensorDecl
+from vlm2om.exporters.core.tiny_tokenizer import VOCAB_SIZE as TINY_VOCAB
+from vlm2om.exporters.core.tiny_tokenizer import build_tiny_tokenizer
+
+FAMILY = "minigpt4"
+SYSTEM = ("Give the following image: <Img>ImageContent</Img>. You will be able to see the image "
+          "once I provide it to you. Please answer my questions.")
+PROMPT = {
+    "template": "vicuna_v0", "style": "single", "system": SYSTEM, "roles": ["Human: ", "Assistant: "],
+    "sep": "###", "image_message": "<Img><ImageHere></Img>", "image_message_end": "</Img>",
+    "image_placeholder": "<ImageHere>", "bos": "first", "stop_strings": ["###"],
+    "answer_split": "Assistant:",
+}
+GENERATION = {"max_new_tokens": 300, "do_sample": True, "temperature": 1.0, "top_p": 0.9,
+              "repetition_penalty": 1.05}
+
+
+def preprocess_steps(size: int) -> list[dict]:
+    """Blip2ImageEvalProcessor: Resize((S, S), BICUBIC) -> ToTensor -> Normalize(CLIP)."""
+    return [{"op": "rgb"}, {"op": "resize", "size": [size, size], "interpolation": "bicubic"},
+            {"op": "to_float", "divisor": 255.0}, {"op": "normalize", "mean": CLIP_MEAN, "std": CLIP_STD}]
+
+
+@dataclass(frozen=True)
+class Preset:
+    vision: EvaVitConfig
+    qformer: QFormerConfig
+    llama: LlamaConfig  # vocab_size 0: take the tokenizer's
+    gears: Gears
+    std: float = 0.02
+
+
+_TINY_VISION = EvaVitConfig(width=32, depth=2, heads=2, mlp_dim=64)
+_TINY_QFORMER = QFormerConfig(hidden=32, layers=2, heads=2, ffn=64, encoder_width=32)
+PRESETS = {
+    # Same architecture at toy width; seeded random weights; runs end to end in seconds.
+    "tiny": Preset(_TINY_VISION, _TINY_QFORMER,
+                   LlamaConfig(vocab_size=0, hidden=64, layers=2, heads=4, kv_heads=4, ffn=128),
+                   Gears(seq=(1, 16, 64), cache=(128, 256), layers_per_group=1)),
+    # ~134M-parameter decoder (Llama-7B shape at 768 wide, 12 layers) for the decode benchmark.
+    "bench": Preset(_TINY_VISION, _TINY_QFORMER,
+                    LlamaConfig(vocab_size=32000, hidden=768, layers=12, heads=12, kv_heads=12, ffn=2048),
+                    Gears(seq=(1, 16, 64, 256), cache=(256, 512), layers_per_group=12)),
+}
+# Two decoder layers per file and EVA in two graphs: onnxruntime's CPU kernels verify fp16 weights
+# through an fp32 copy, so an export's peak memory is about twice its largest graph (~0.9 GB fp16).
+REAL_GEARS = Gears(seq=(1, 32, 128, 512), cache=(256, 512, 1024, 2048), layers_per_group=2)
+REAL_VISION_GRAPHS = 2
+
+
+@dataclass(frozen=True)
+class ExportOptions(RecipeOptions):
+    vision: EvaVitConfig | None = None  # checkpoint sizes the shapes cannot tell (heads); default: real
+    qformer: QFormerConfig | None = None
+    vision_graphs: int | None = None  # EVA blocks split over this many graphs; default 1 (preset), 2 (checkpoint)
+
+    def vision_bounds(self, depth: int) -> list[tuple[int, int]]:
+        n = self.vision_graphs or (REAL_VISION_GRAPHS if self.checkpoint is not None else 1)
+        if not 1 <= n <= depth:
+            raise InputError(f"--vision-graphs {n}: EVA has {depth} blocks")
+        return group_bounds(depth, -(-depth // n))
+
+
+@dataclass
+class MiniGPT4Parts:
+    """What is known before any weight is read; each ``build_*`` makes one graph's module
+    (reading only its weights) so an export holds one graph's weights at a time."""
+
+    vision_cfg: EvaVitConfig
+    qformer_cfg: QFormerConfig
+    llm: LlmParts
+    tokenizer: bytes
+    source: dict
+    vision_bounds: list[tuple[int, int]]  # EVA block slices, one graph each
+    build_vision: Callable[[int], nn.Module]  # slice index -> module
+    build_bridge: Callable[[], nn.Module]
+
+
+def _random_parts(name: str, opts: ExportOptions, gears: Gears) -> MiniGPT4Parts:
+    p = PRESETS[name]
+    llama = p.llama if p.llama.vocab_size else replace(p.llama, vocab_size=TINY_VOCAB)
+    proj = LinearProjectorConfig(p.qformer.hidden, llama.hidden)
+    s, dtype = opts.seed, opts.export_dtype
+    td = getattr(torch, dtype)
+
+    def bridge():
+        q = init_random_(QFormer(p.qformer), s + 2, p.std)
+        return cast_module(Bridge(q, init_random_(LinearProjector(proj), s + 3, 0.5)), td)
+
+    bounds = opts.vision_bounds(p.vision.depth)
+
+    def vision(i: int):
+        """Slices of one seeded encoder, so the weights do not depend on the split."""
+        whole = init_random_(EvaVisionEncoder(p.vision), s + 1, p.std)
+        return cast_module(slice_encoder(whole, *bounds[i]), td)
+
+    return MiniGPT4Parts(
+        p.vision, p.qformer, random_llm(llama, gears, s, dtype), build_tiny_tokenizer(),
+        {"preset": name, "seed": s}, bounds, vision, bridge)
+
+
+def slice_encoder(whole: EvaVisionEncoder, start: int, stop: int) -> EvaVisionEncoder:
+    """Blocks [start, stop) of ``whole`` (plus its stem or ln_vision where the slice has them)."""
+    if (start, stop) == (0, whole.cfg.depth):
+        return whole
+    part = EvaVisionEncoder(whole.cfg, (start, stop))
+    full = whole.state_dict()
+    part.load_state_dict({k: full[f"blocks.{int(k.split('.')[1]) + start}.{k.split('.', 2)[2]}"]
+                          if k.startswith("blocks.") else full[k] for k in part.state_dict()})
+    return part
+
+
+def gear_options(opts: ExportOptions) -> Gears:
+    return resolve_gears(opts, {k: p.gears for k, p in PRESETS.items()}, REAL_GEARS)
+
+
+def build_parts(opts: ExportOptions) -> MiniGPT4Parts:
+    """Seeded random weights for a preset, or a checkpoint folder checked key by key up front."""
+    gears = gear_options(opts)
+    check_preset(opts, PRESETS)
+    if opts.checkpoint is None:
+        return _random_parts(opts.preset, opts, gears)
+    from vlm2om.exporters.families.minigpt4.loader import load_parts
+
+    return load_parts(Path(opts.checkpoint), opts.export_dtype, gears, opts.vision, opts.qformer,
+                      opts.vision_graphs)
+
+
+def build_modules(opts: ExportOptions) -> ReferenceModules:
+    """Every module at once: the EVA slices and the bridge chained, then the Llama side."""
+    parts = build_parts(opts)
+    image = [partial(parts.build_vision, i) for i in range(len(parts.vision_bounds))] + [parts.build_bridge]
+    return reference_modules(image, parts.llm, parts.tokenizer, parts.source)
+
+
+def image_subgraphs(parts: MiniGPT4Parts, dtype: str) -> list[Subgraph]:
+    v, q, n = parts.vision_cfg, parts.qformer_cfg, len(parts.vision_bounds)
+    embeds = TensorDecl("image_embeds", dtype, (1, v.num_tokens, v.width))
+    tokens = TensorDecl("vision_tokens", dtype, (1, v.num_tokens, v.width))  # between EVA slices
+    chain = [TensorDecl("pixel_values", dtype, (1, 3, v.image_size, v.image_size)), *[tokens] * (n - 1), embeds]
+    vision = [image_graph("vision" if n == 1 else f"vision_{i}", partial(parts.build_vision, i), chain[i],
+                          chain[i + 1]) for i in range(n)]
+    return [*vision,
+            image_graph("bridge", parts.build_bridge, embeds,
+                        TensorDecl("image_tokens", dtype, (1, q.num_query, parts.llm.llama.hidden)))]
+
+
+def plan(opts: ExportOptions) -> ExportPlan:
+    gears = gear_options(opts)
+    parts = build_parts(opts)
+    model = {"llama": vars(parts.llm.llama), "vision": vars(parts.vision_cfg), "qformer": vars(parts.qformer_cfg)}
+    described = {"prompt": PROMPT, "generation": GENERATION,
+                 "preprocess": {"processor": "Blip2ImageEvalProcessor",
+                                "steps": preprocess_steps(parts.vision_cfg.image_size)}}
+    return assemble(FAMILY, parts.source.get("preset") or "vicuna0-7b", opts, gears, parts.llm,
+                    image_subgraphs(parts, opts.export_dtype), parts.qformer_cfg.num_query, parts.tokenizer,
+                    parts.source, model, described)
