@@ -28,16 +28,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from exporters import minigpt4  # noqa: E402
-from vlm2om.exporters.verify.baseline import hf_llama  # noqa: E402  (the name map `vlm2om bench --baseline torch` uses)
-from vlm2om.exporters.core.driver import write_bundle  # noqa: E402
-from vlm2om.exporters.families.minigpt4.recipe import ExportOptions, build_modules  # noqa: E402
-from vlm2om.exporters.verify.torch_pipeline import MiniGPT4Reference  # noqa: E402
-from vlm2om.runtime import GenerationConfig, open_bundle  # noqa: E402
+from vlm2om.exporters.families.minigpt4 import recipe as minigpt4
+from vlm2om.exporters.verify.baseline import hf_llama  (the name map `vlm2om bench --baseline torch` uses)
+from vlm2om.exporters.core.driver import write_bundle
+from vlm2om.exporters.families.minigpt4.recipe import ExportOptions, build_modules
+from vlm2om.exporters.families.minigpt4 import Reference as MiniGPT4Reference
+from vlm2om.runtime import GenerationConfig, open_bundle
 
 IMAGE = ROOT / "examples" / "sample.png"
 QUESTION = "Describe this image in detail."

@@ -28,14 +28,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import torch
+from safetensors.torch import save_file
 
-from vlm2om.exporters.core.tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
-from vlm2om.graphs.eva_vit import EvaVisionEncoder, EvaVitConfig  # noqa: E402
-from vlm2om.graphs.qformer import QFormer, QFormerConfig  # noqa: E402
+from vlm2om.exporters.core.tiny_tokenizer import build_tiny_tokenizer
+from vlm2om.graphs.eva_vit import EvaVisionEncoder, EvaVitConfig
+from vlm2om.graphs.qformer import QFormer, QFormerConfig
 
 LLAMA_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
             "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,

@@ -11,7 +11,7 @@ One group's graph::
     attention_mask [B, C]    float  1 where a cache slot holds a valid past token, else 0
     past_kv        [L, 2, B, KVH, C, D]   keys (after RoPE) and values of the cache slots
  (last group) logits_index [B] int64  the one new position per row whose logits are wanted
- -> hidden_states [B, S, H] | logits [B, V] (last group)
+ -> hidden_states [B, S, H] | logits [B, V] float32 (last group)
     present_kv     [L, 2, B, KVH, S, D]   keys and values of the S new tokens only
 
 Decoding needs the next-token logits after a prompt's last position only, so the last group
@@ -198,5 +198,5 @@ class LlamaDecoderGroup(nn.Module):
         if self.is_last:
             if logits_index is not None:
                 x = x.gather(1, logits_index[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]
-            x = self.lm_head(self.norm(x))
+            x = self.lm_head(self.norm(x)).float()  # fp32 logits: no fp16 ties at the argmax
         return x, torch.stack(present)

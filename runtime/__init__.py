@@ -3,7 +3,7 @@
 This package never imports torch: a deploy box has numpy, Pillow, sentencepiece and one
 session backend (onnxruntime, or ais_bench on an Ascend NPU)::
 
-    from vlm2om.runtime import open_bundle
+    from vlm2om import open_bundle
     pipe = open_bundle("build/minigpt4")
     chat = pipe.chat(image="cat.jpg")
     for piece in chat.ask("What is in the picture?"):
@@ -17,10 +17,10 @@ from .generation import GenerationConfig
 
 
 def open_bundle(path, backend: str = "ort", verify_hashes: bool = True, **backend_options):
-    """Open a bundle directory and return its chat pipeline."""
-    from .pipeline import VisionChatPipeline
+    """Open a bundle directory and return the pipeline its task asks for (a chat pipeline today)."""
+    from .pipeline import open_pipeline
 
-    return VisionChatPipeline(Bundle.open(path, verify_hashes=verify_hashes), backend, **backend_options)
+    return open_pipeline(Bundle.open(path, verify_hashes=verify_hashes), backend, **backend_options)
 
 
 __all__ = ["Bundle", "BundleError", "GenerationConfig", "InputError", "Vlm2omError", "open_bundle"]

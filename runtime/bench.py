@@ -130,16 +130,14 @@ class BundleBench:
         self.image = image if image is not None else sample_image()
         self.memory = PeakMemory()
         self.has_image = bool(pipe.bundle.pipeline.get("image_graphs"))
-        embeds = pipe.encode_image(self.image) if self.has_image else None
-        self.image_tokens = 0 if embeds is None else len(embeds)
+        self.images = [pipe.encode_image(self.image)] if self.has_image else []
         self.shortest = self._length(0)
 
     def _question(self, words: int) -> str:
         return " ".join([self.opts.question, *[FILLER] * words]) if words else self.opts.question
 
     def _length(self, words: int) -> int:
-        ids = self.gen.layout_ids(self._question(words), self.has_image)
-        return sum(len(s) for s in ids) + self.image_tokens
+        return self.gen.layout(self._question(words), self.images).length
 
     def question_for(self, length: int) -> str | None:
         """The question whose prompt is exactly ``length`` positions (None if none is)."""
@@ -169,7 +167,7 @@ class BundleBench:
         for capacity in self.pipe.decoder.kv["capacity_gears"]:
             cache = self.pipe.decoder.new_cache(self.gen.gear_for(batch))
             cache.reserve(capacity)
-            self.gen._decode(cache, [0] * batch, [0] * batch)
+            self.pipe.decoder.step(cache, [0] * batch, [0] * batch)
 
     def _embeds(self):
         return self.pipe.encode_image(self.image) if self.has_image else None

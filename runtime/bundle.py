@@ -1,7 +1,8 @@
 """Open a bundle directory: schema check, file hashes, graph lookup.
 
 The manifest is the single source of truth: the runtime never derives anything from
-file names. See ``docs/bundle.md`` for the schema.
+file names. See ``docs/bundle.md`` for the schema; version 1 bundles are read as version 2
+(``schema.upgrade``).
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BundleError
+from .schema import SCHEMA_VERSION, upgrade
 
-SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
 
@@ -42,12 +43,7 @@ class Bundle:
             manifest = json.loads(mpath.read_text())
         except (OSError, ValueError) as e:
             raise BundleError(f"cannot read {mpath}: {e}") from e
-        version = manifest.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise BundleError(
-                f"{mpath}: schema_version {version!r} is not supported by this runtime "
-                f"(it reads version {SCHEMA_VERSION}); re-export the bundle or upgrade vlm2om")
-        bundle = cls(root, manifest)
+        bundle = cls(root, upgrade(manifest, str(mpath)))
         bundle.check_files(verify_hashes)
         return bundle
 
@@ -77,3 +73,7 @@ class Bundle:
     @property
     def pipeline(self) -> dict[str, Any]:
         return self.manifest["pipeline"]
+
+    @property
+    def task(self) -> str:
+        return self.manifest["task"]

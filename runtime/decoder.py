@@ -1,39 +1,69 @@
-"""Embedding and decoder-group sessions stitched into a KV-cache decoder.
+"""Embedding and decoder-group sessions stitched into a KV-cache decoder, fed by role.
+
+Every graph input of the embed and decoder graphs carries a role in the manifest (see
+``runtime/schema.py``), so the runtime builds each feed from what the input *is*, never from its
+name: ``hidden`` (embeddings, or the previous group's output), ``positions`` [B, S], ``valid_mask``
+[B, C] (which cache slots hold a token), ``past_kv`` (the group's stacked cache), ``logits_index``
+[B] (the one position per row whose logits are wanted), ``image_mask`` [B, S] (1 on image
+positions during prefill, 0 elsewhere and in every decode step: InternLM-XComposer2's ``im_mask``)
+and ``prefix_length`` [B] (prefix-LM attention: how many positions form the context).
 
 Every call is padded to a declared gear: the embed graph on ``seq``, each decoder group on
-(``seq``, ``cache``), and on ``batch`` too when the bundle was exported with batch gears
-(a single conversation then runs at the batch-1 gear). A prompt is prefilled in the chunks
-that waste the least padded work. ``runtime.batch`` drives the same sessions for several
-sequences at once.
+(``seq``, ``cache``), and on ``batch`` too when the bundle was exported with batch gears (a
+single conversation then runs at the batch-1 gear). A causal prompt is prefilled in the chunks
+that waste the least padded work; a prefix-LM context sees itself both ways, so it is prefilled
+in one chunk, and a new turn cannot reuse a cached prefix (it changes the context).
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
+from .errors import BundleError, InputError
 from .gears import dim_values, plan_chunks, select_gear
 from .kv_cache import KVCache
 
 BATCH = "batch"
+INPUT_ROLES = ("hidden", "positions", "valid_mask", "past_kv", "logits_index", "image_mask", "prefix_length")
+OUTPUT_ROLES = ("hidden", "logits", "present_kv")
+
+
+def _roles(bundle, name: str, kind: str, known: tuple[str, ...]) -> dict[str, str]:
+    """role -> tensor name of one graph's inputs or outputs; unknown roles fail at open."""
+    out = {}
+    for spec in bundle.graph(name)[kind]:
+        role = spec.get("role")
+        if role not in known:
+            raise BundleError(f"graph '{name}' {kind[:-1]} '{spec['name']}' has role {role!r}, which this runtime "
+                              f"does not feed (it knows {', '.join(known)}); upgrade vlm2om")
+        out[role] = spec["name"]
+    return out
 
 
 class Decoder:
     def __init__(self, bundle, sessions: dict):
         m = bundle.manifest
-        pipe, kv = m["pipeline"], m["kv_cache"]
-        self.embed_name = pipe["embed_graph"]
-        self.group_names = pipe["decoder_graphs"]
+        pipe, self.kv = m["pipeline"], m["kv_cache"]
+        self.embed_name, self.group_names = pipe["embed_graph"], pipe["decoder_graphs"]
         self.embed_sess = sessions[self.embed_name]
         self.groups = [sessions[n] for n in self.group_names]
+        self.embed_io = (_roles(bundle, self.embed_name, "inputs", ("token_ids",))["token_ids"],
+                         _roles(bundle, self.embed_name, "outputs", ("embeds",))["embeds"])
+        self.inputs = [_roles(bundle, n, "inputs", INPUT_ROLES) for n in self.group_names]
+        self.outputs = [_roles(bundle, n, "outputs", OUTPUT_ROLES) for n in self.group_names]
+        self.mask_dtypes = [np.dtype(next((s["dtype"] for s in bundle.graph(n)["inputs"] if s.get("role") == "image_mask"),
+                                          "float32")) for n in self.group_names]
         self.embed_gears = bundle.graph(self.embed_name)["gears"]
         self.dec_gears = bundle.graph(self.group_names[0])["gears"]
-        self.logits_index = any(i["name"] == "logits_index" for i in bundle.graph(self.group_names[-1])["inputs"])
-        self.kv = kv
+        self.attention = pipe.get("attention", "causal")
+        if self.attention not in ("causal", "prefix_lm"):
+            raise BundleError(f"attention kind '{self.attention}' is not known to this runtime; upgrade vlm2om")
         self.hidden = pipe["hidden_size"]
         self.embed_dtype = np.dtype(pipe["embeds_dtype"])
-        # Called with the next-token logits [V] of every forward (verification taps it).
-        self.on_logits: Callable[[np.ndarray], None] | None = None
+
+    @property
+    def reuses_prefix(self) -> bool:
+        """A cached prefix stays valid for a longer prompt only where attention is causal."""
+        return self.attention == "causal"
 
     @staticmethod
     def batch_exact(gears: list[dict] | None, batch: int) -> dict[str, int]:
@@ -62,6 +92,7 @@ class Decoder:
         width = max(len(r) for r in rows)
         out = np.zeros((batch, width, self.hidden), self.embed_dtype)
         exact = self.batch_exact(self.embed_gears, batch)
+        feed_name, out_name = self.embed_io
         start = 0
         for size in plan_chunks(width, dim_values(self.embed_gears, "seq", exact)):
             gear = select_gear(self.embed_name, self.embed_gears, exact=exact, at_least={"seq": size})
@@ -69,53 +100,92 @@ class Decoder:
             for i, ids in enumerate(rows):
                 chunk = ids[start:start + size]
                 feed[i, :len(chunk)] = chunk
-            out[:, start:start + size] = self.embed_sess.run({"input_ids": feed})["inputs_embeds"][:, :size]
+            out[:, start:start + size] = self.embed_sess.run({feed_name: feed})[out_name][:, :size]
             start += size
         return out
-
-    def forward(self, embeds: np.ndarray, cache: KVCache) -> np.ndarray:
-        """Append ``embeds`` [n, H] to the cache; return the logits of the last one [V]."""
-        n = len(embeds)
-        cache.reserve(cache.length + n)
-        logits, start = None, 0
-        for size in self.chunks(n, cache):
-            logits, start = self._step(embeds[start:start + size], cache), start + size
-        if self.on_logits is not None:
-            self.on_logits(logits)
-        return logits
 
     def chunks(self, n: int, cache: KVCache) -> list[int]:
         """Prefill chunk sizes for ``n`` new positions at the cache's capacity and batch."""
         where = {"cache": cache.capacity, **self.batch_exact(self.dec_gears, cache.batch)}
-        return plan_chunks(n, dim_values(self.dec_gears, "seq", where))
-
-    def _step(self, chunk: np.ndarray, cache: KVCache) -> np.ndarray:
-        n = len(chunk)
-        s = self.gear(cache, n)["seq"]
-        hidden = np.zeros((1, s, self.hidden), self.embed_dtype)
-        hidden[0, :n] = chunk
-        # Padding keeps counting positions, so the in-graph causal mask hides it from real tokens.
-        positions = (cache.length + np.arange(s, dtype=np.int64))[None]
-        logits, presents = self.run_groups(hidden, positions, cache, np.array([n - 1], np.int64))
-        cache.append(presents, n)
-        return logits[0].astype(np.float32)
+        sizes = dim_values(self.dec_gears, "seq", where)
+        if self.attention == "prefix_lm":
+            if n > max(sizes):
+                raise InputError(f"a prefix-LM context of {n} positions must be prefilled in one chunk, but the "
+                                 f"largest seq gear is {max(sizes)}; re-export with a larger --seq-gears")
+            return [n]
+        return plan_chunks(n, sizes)
 
     def gear(self, cache: KVCache, n: int) -> dict[str, int]:
         """The decoder gear for ``n`` new positions at the cache's capacity and batch."""
         exact = {"cache": cache.capacity, **self.batch_exact(self.dec_gears, cache.batch)}
         return select_gear(self.group_names[0], self.dec_gears, exact=exact, at_least={"seq": n})
 
-    def run_groups(self, hidden: np.ndarray, positions: np.ndarray, cache: KVCache, index: np.ndarray):
+    def prefill(self, rows: list[np.ndarray], cache: KVCache, image_masks: list[np.ndarray] | None = None):
+        """Append each row's embeddings [n_i, H] to its cache row, from slot ``cache.length`` on;
+        return the logits [len(rows), V] after each row's last position. Shorter rows get padding
+        that is masked out and keeps counting positions, so no real token sees it in a chunk."""
+        lengths, base = [len(r) for r in rows], cache.length
+        longest = max(lengths)
+        cache.reserve(base + longest)
+        out, start = None, 0
+        for size in self.chunks(longest, cache):
+            s = self.gear(cache, size)["seq"]
+            hidden = np.zeros((cache.batch, s, self.hidden), self.embed_dtype)
+            valid = np.zeros((cache.batch, size), np.float32)
+            flags = np.zeros((cache.batch, s), np.float32)
+            for i, r in enumerate(rows):
+                real = r[start:start + size]
+                hidden[i, :len(real)] = real
+                valid[i, :len(real)] = 1.0
+                if image_masks is not None:
+                    flags[i, :len(real)] = image_masks[i][start:start + size]
+            positions = np.broadcast_to(base + start + np.arange(s, dtype=np.int64), (cache.batch, s)).copy()
+            ends = [i for i, n in enumerate(lengths) if start <= n - 1 < start + size]  # rows ending here
+            index = np.zeros(cache.batch, np.int64)
+            index[ends] = [lengths[i] - 1 - start for i in ends]
+            prefix = np.zeros(cache.batch, np.int64)
+            prefix[:len(rows)] = [base + n for n in lengths]
+            logits, presents = self._run(hidden, positions, cache, index, flags, prefix)
+            cache.append(presents, size, valid)
+            if out is None:
+                out = np.zeros((len(rows), logits.shape[-1]), np.float32)
+            out[ends] = logits[ends]
+            start += size
+        cache.prefix[:len(rows)] = [base + n for n in lengths]
+        return out
+
+    def step(self, cache: KVCache, tokens: list[int | None], positions: list[int]) -> np.ndarray:
+        """One token per row (None: a finished row kept in the gear, masked out), all written to
+        the same new slot; returns the logits [cache.batch, V]."""
+        cache.reserve(cache.length + 1)
+        hidden = self.embed_rows([[0 if t is None else t] for t in tokens], cache.batch)
+        pos = np.zeros((cache.batch, 1), np.int64)
+        pos[:len(positions), 0] = positions
+        valid = np.zeros((cache.batch, 1), np.float32)
+        valid[:len(tokens), 0] = [t is not None for t in tokens]
+        if self.gear(cache, 1)["seq"] != 1:
+            raise BundleError(f"graph '{self.group_names[0]}' has no seq gear of 1, which decoding needs")
+        logits, presents = self._run(hidden, pos, cache, np.zeros(cache.batch, np.int64),
+                                     np.zeros((cache.batch, 1), np.float32), cache.prefix)
+        cache.append(presents, 1, valid)
+        return logits.astype(np.float32)
+
+    def _run(self, hidden, positions, cache: KVCache, index, image_mask, prefix):
         """Chain the groups on gear-shaped feeds; return (the logits at position ``index[b]`` of each
         row b [B, V], present_kv per group). A bundle whose last group returns logits at every
         position [B, S, V] (exported before ``logits_index``) is read by picking them here."""
-        presents, last = [], self.groups[-1]
-        for sess, buf in zip(self.groups, cache.buffers):
-            feeds = {"hidden_states": hidden, "position_ids": positions, "attention_mask": cache.mask, "past_kv": buf}
-            if sess is last and self.logits_index:
-                feeds["logits_index"] = index
-            res = sess.run(feeds)
-            presents.append(res["present_kv"])
-            hidden = res.get("hidden_states_out")
-        logits = res["logits"]
-        return (logits if logits.ndim == 2 else logits[np.arange(len(index)), index]), presents
+        presents, res = [], {}
+        shared = {"positions": positions, "valid_mask": cache.mask, "logits_index": index,
+                  "prefix_length": prefix}
+        for sess, buf, ins, outs, flag_dtype in zip(self.groups, cache.buffers, self.inputs, self.outputs,
+                                                    self.mask_dtypes):
+            values = {**shared, "hidden": hidden, "past_kv": buf}
+            if "image_mask" in ins:
+                values["image_mask"] = image_mask.astype(flag_dtype)
+            res = sess.run({name: values[role] for role, name in ins.items()})
+            presents.append(res[outs["present_kv"]])
+            hidden = res.get(outs.get("hidden"))
+        logits = res[self.outputs[-1]["logits"]]
+        if logits.ndim == 3:
+            logits = logits[np.arange(len(index)), index]
+        return logits.astype(np.float32, copy=False), presents

@@ -21,6 +21,7 @@ class KVCache:
         self.gears = sorted(capacity_gears)
         self.batch = batch
         self.length = 0
+        self.prefix = np.zeros(batch, np.int64)  # context length per row (prefix-LM attention)
         self._alloc(self.gears[0])
 
     def _alloc(self, capacity: int) -> None:
@@ -62,6 +63,8 @@ class KVCache:
         out = KVCache.__new__(KVCache)
         out.group_layers, out.shape_tail, out.dtype = self.group_layers, self.shape_tail, self.dtype
         out.gears, out.batch, out.length = self.gears, batch, self.length
+        out.prefix = np.zeros(batch, np.int64)
+        out.prefix[:len(rows)] = self.prefix[rows]
         out._alloc(self.capacity)
         n = self.length
         for new, old in zip(out.buffers, self.buffers):

@@ -1,64 +1,69 @@
-"""Shared fixtures: tiny MiniGPT-4 and LLaVA-1.5 bundles, built once per test session, and torch modules."""
+"""Session fixtures: each family's tiny bundle (plain, and with golden files and batch gears),
+exported once per test session, and the same seeded torch modules built independently."""
 from __future__ import annotations
 
 import pytest
 
-TINY_GROUPS = 1  # layers per group: the tiny preset's two layers become two stitched files
+from tests.helpers import SAMPLE_IMAGE
+from tests.helpers.families import tiny_options
 
 
-@pytest.fixture(scope="session")
-def tiny_opts():
-    from vlm2om.exporters.families.minigpt4.recipe import ExportOptions
-
-    return ExportOptions(preset="tiny", layers_per_group=TINY_GROUPS)
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory, tiny_opts):
-    from vlm2om.exporters.families.minigpt4 import recipe as minigpt4
+def _export(tmp_path_factory, family: str, folder: str, **extras):
     from vlm2om.exporters.core.driver import write_bundle
+    from vlm2om.exporters.core.extras import ExportExtras
+    from vlm2om.exporters.families import get_family
 
-    out = tmp_path_factory.mktemp("bundles") / "minigpt4-tiny"
-    write_bundle(minigpt4.plan(tiny_opts), out, echo=lambda s: None)
+    out = tmp_path_factory.mktemp("bundles") / folder
+    write_bundle(get_family(family).plan(tiny_options(family)), out, echo=lambda s: None,
+                 **({"extras": ExportExtras(**extras)} if extras else {}))
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_modules(tiny_opts):
-    """The same seeded weights as the bundle, rebuilt independently."""
-    from vlm2om.exporters.families.minigpt4.recipe import build_modules
+def _modules(family: str):
+    from vlm2om.exporters.families import get_family
 
-    return build_modules(tiny_opts)
+    return get_family(family).build_modules(tiny_options(family))
 
 
 @pytest.fixture(scope="session")
 def sample_image():
-    from pathlib import Path
-
-    return Path(__file__).resolve().parent.parent / "examples" / "sample.png"
+    return SAMPLE_IMAGE
 
 
 @pytest.fixture(scope="session")
-def tiny_batch_bundle(tmp_path_factory, tiny_opts):
-    """The tiny bundle exported with golden files and batch gears 1, 2, 4 (`export --golden --batch-gears`)."""
-    from vlm2om.exporters.families.minigpt4 import recipe as minigpt4
-    from vlm2om.exporters.core.driver import write_bundle
-    from vlm2om.exporters.core.extras import ExportExtras
+def tiny_opts():
+    """MiniGPT-4's tiny preset with one layer per decoder group (two stitched files)."""
+    return tiny_options("minigpt4")
 
-    out = tmp_path_factory.mktemp("bundles") / "minigpt4-tiny-batch"
-    write_bundle(minigpt4.plan(tiny_opts), out, echo=lambda s: None,
-                 extras=ExportExtras(golden=True, batch_gears=(1, 2, 4)))
-    return out
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    return _export(tmp_path_factory, "minigpt4", "minigpt4-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_modules():
+    """The same seeded weights as the bundle, rebuilt independently."""
+    return _modules("minigpt4")
+
+
+@pytest.fixture(scope="session")
+def tiny_batch_bundle(tmp_path_factory):
+    """The tiny bundle exported with golden files and batch gears 1, 2, 4 (`export --golden --batch-gears`)."""
+    return _export(tmp_path_factory, "minigpt4", "minigpt4-tiny-batch", golden=True, batch_gears=(1, 2, 4))
+
+
+@pytest.fixture(scope="session")
+def llava_bundle(tmp_path_factory):
+    return _export(tmp_path_factory, "llava15", "llava15-tiny")
+
+
+@pytest.fixture(scope="session")
+def llava_modules():
+    return _modules("llava15")
 
 
 @pytest.fixture(scope="session")
 def llava_batch_bundle(tmp_path_factory):
     """The tiny LLaVA-1.5 bundle with golden files and batch gears 1, 2."""
-    from vlm2om.exporters.families.llava15 import recipe as llava
-    from vlm2om.exporters.core.driver import write_bundle
-    from vlm2om.exporters.core.extras import ExportExtras
-
-    out = tmp_path_factory.mktemp("bundles") / "llava15-tiny-batch"
-    write_bundle(llava.plan(llava.ExportOptions(preset="tiny")), out, echo=lambda s: None,
-                 extras=ExportExtras(golden=True, batch_gears=(1, 2)))
-    return out
+    return _export(tmp_path_factory, "llava15", "llava15-tiny-batch", golden=True, batch_gears=(1, 2))

@@ -13,6 +13,7 @@ import shlex
 DEFAULT_SOC = "Ascend910B3"
 DEFAULT_PRECISION = "force_fp16"
 OUT_DIR = "om"
+MIN_GEARS, MAX_GEARS = 2, 100  # --dynamic_dims: gears per graph
 # ATC's --precision_mode values (CANN 6.x-8.x); force_fp16 is the inference default.
 PRECISION_MODES = ("force_fp16", "allow_fp32_to_fp16", "allow_mix_precision", "allow_mix_precision_fp16",
                    "allow_mix_precision_bf16", "must_keep_origin_dtype", "force_fp32", "cube_fp16in_fp32out")

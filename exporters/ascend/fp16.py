@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from vlm2om.exporters.ascend.findings import Finding
+
 REDUCTIONS = ("ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceProd")
 SQUARES = ("ReduceSumSquare", "ReduceL2")  # square inside the reduction
 CHAIN_ON = ("Add", "Sqrt", "Pow", "Reciprocal")  # the variance's way to its root
@@ -83,10 +85,8 @@ def _norm_chains(graph) -> list:
     return chains
 
 
-def fp16_findings(graph, graph_name: str, all_nodes) -> list:
+def fp16_findings(graph, graph_name: str, all_nodes) -> list[Finding]:
     """One info finding per category present in ``graph`` (``all_nodes`` walks subgraphs)."""
-    from vlm2om.exporters.ascend.lint import Finding
-
     picked: dict[str, list] = defaultdict(list)
     in_chain = set()
     for chain in _norm_chains(graph):

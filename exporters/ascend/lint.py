@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from vlm2om.runtime.errors import InputError
 
+from vlm2om.exporters.ascend.atc import MAX_GEARS, MIN_GEARS
+from vlm2om.exporters.ascend.findings import Finding
 from vlm2om.exporters.ascend.fp16 import fp16_findings
 
 DATA = Path(__file__).resolve().parent  # the CANN operator lists beside this file
 PROTOBUF_LIMIT = 2 ** 31  # protobuf refuses messages of 2 GiB and more
-MAX_GEARS, MIN_GEARS = 100, 2  # ATC --dynamic_dims: gear count in (1, 100]
 NO_CONTROL_FLOW = ("Loop", "Scan")  # plus every Sequence* op
 
 
@@ -63,19 +64,6 @@ def cann_ops(target: CannTarget) -> frozenset[str]:
     """The target's operator list, lower-cased (CANN prints Argmax, ONNX says ArgMax)."""
     lines = (DATA / target.ops_file).read_text().splitlines()
     return frozenset(s.strip().lower() for s in lines if s.strip() and not s.startswith("#"))
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One problem: which graph, where in it (node, input, file), the value at fault, and why."""
-
-    severity: str  # "error" (ATC rejects it) | "warning" (look at it) | "info" (the fp16 plan)
-    graph: str
-    check: str
-    where: str
-    value: str
-    message: str
-    nodes: tuple[str, ...] = field(default=(), compare=False)  # --keep_dtype names for fp16 findings
 
 
 def _onnx():

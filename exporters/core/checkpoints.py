@@ -13,7 +13,7 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -224,18 +224,6 @@ def open_hf_folder(folder: str | Path) -> TensorSource:
         f"{folder}: no weights found (expected one of {', '.join(HF_WEIGHT_FILES)})")
 
 
-def open_source(path: str | Path, subkey: str | None = None) -> TensorSource:
-    """A file (``.safetensors`` or a pickle, optionally its ``subkey`` dict) or an HF folder."""
-    path = Path(path)
-    if path.is_dir():
-        return open_hf_folder(path)
-    if path.name.endswith(".index.json"):
-        return ShardedSource(path)
-    if path.suffix == ".safetensors":
-        return SafetensorsSource(path)
-    return DictSource(path, subkey)
-
-
 @dataclass(frozen=True)
 class Ignore:
     """Source keys (regex, full match) that are skipped on purpose, and why."""
@@ -386,6 +374,19 @@ def load_plans(plans: Sequence[Plan], dtype: torch.dtype | None = None,
     return report
 
 
+def on_meta(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """``build()`` on the meta device: parameter names and shapes without allocating the weights."""
+    with torch.device("meta"):
+        return build()
+
+
+def assign(build: Callable[[], torch.nn.Module], state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """``build()`` on the meta device, then given the checkpoint tensors themselves (no copy)."""
+    module = on_meta(build)
+    module.load_state_dict(state, strict=True, assign=True)
+    return module
+
+
 def expected_shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
-    """The shapes ``module.load_state_dict`` wants (build ``module`` on the meta device)."""
+    """The shapes ``module.load_state_dict`` wants (build ``module`` with ``on_meta``)."""
     return {k: v.shape for k, v in module.state_dict().items()}

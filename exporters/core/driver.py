@@ -13,7 +13,6 @@ import platform
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -28,19 +27,9 @@ from vlm2om.exporters.core.extras import ExportExtras, apply_batch_gears, verifi
 from vlm2om.exporters.verify.golden import GoldenWriter
 from vlm2om.exporters.verify.trace import EndToEndTrace
 from vlm2om.exporters.core.onnx_export import OPSET, export_onnx
+from vlm2om.exporters.core.plan import ExportPlan
 from vlm2om.exporters.core.subgraph import Subgraph
 from vlm2om.exporters.verify.metrics import judge, raise_on_failures
-
-
-@dataclass
-class ExportPlan:
-    family: str
-    variant: str
-    dtype: str
-    subgraphs: list[Subgraph]
-    assets: dict[str, bytes]  # bundle-relative name -> content (tokenizer, ...)
-    manifest: dict  # family entries: pipeline, kv_cache, tokenizer, prompt, generation, preprocess
-    provenance: dict = field(default_factory=dict)
 
 
 def tool_versions() -> dict[str, str]:
@@ -125,11 +114,15 @@ def verify_graph(sg: Subgraph, path: Path, cases: list, dtype: str) -> list:
     return rows
 
 
+def tensor_entry(sg: Subgraph, d) -> dict:
+    return {"name": d.name, "dtype": d.dtype, "shape": sg.manifest_shape(d), **({"role": d.role} if d.role else {})}
+
+
 def graph_entry(sg: Subgraph, files: list[Path], rows: list) -> dict:
     return {
         "file": files[0].name, "external_data": [f.name for f in files[1:]],
-        "inputs": [{"name": d.name, "dtype": d.dtype, "shape": sg.manifest_shape(d)} for d in sg.inputs],
-        "outputs": [{"name": d.name, "dtype": d.dtype, "shape": sg.manifest_shape(d)} for d in sg.outputs],
+        "inputs": [tensor_entry(sg, d) for d in sg.inputs],
+        "outputs": [tensor_entry(sg, d) for d in sg.outputs],
         "gears": sg.manifest_gears(),
         "verification": [{"output": r.output, "gear": r.gear, "max_abs": r.max_abs, "mean_abs": r.mean_abs,
                           "cosine": r.cosine, "rel_euclid": r.rel_euclid} for r in rows],
@@ -200,7 +193,7 @@ def write_bundle(plan: ExportPlan, out: Path, echo: Callable[[str], None] = prin
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {
-            "schema_version": SCHEMA_VERSION, "family": plan.family, "variant": plan.variant,
+            "schema_version": SCHEMA_VERSION, "family": plan.family, "variant": plan.variant, "task": plan.task,
             "dtype": plan.dtype,
             "provenance": {**plan.provenance, "opset": OPSET, "tools": tool_versions(),
                            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 from vlm2om.runtime.errors import InputError
 
+from vlm2om.exporters.ascend.atc import MAX_GEARS
 from vlm2om.exporters.verify.metrics import E2E_THRESHOLDS, THRESHOLDS
 
-ATC_MAX_GEARS = 100
 BATCH_DIM = "batch"
 
 
@@ -46,9 +46,9 @@ def apply_batch_gears(plan, batches: tuple[int, ...]) -> None:
             continue
         base = list({tuple(sorted((k, v) for k, v in g.items() if k != BATCH_DIM)): None for g in sg.gears})
         gears = [{**dict(b), BATCH_DIM: n} for b, n in itertools.product(base, batches)]
-        if len(gears) > ATC_MAX_GEARS:
+        if len(gears) > MAX_GEARS:
             raise InputError(f"graph '{sg.name}': {len(base)} seq/cache gears x {len(batches)} batch gears = "
-                             f"{len(gears)}; ATC allows {ATC_MAX_GEARS} per graph: drop some --batch-gears, "
+                             f"{len(gears)}; ATC allows {MAX_GEARS} per graph: drop some --batch-gears, "
                              "--seq-gears or --cache-gears")
         sg.gears = gears
     plan.provenance.setdefault("options", {})["batch_gears"] = list(batches)

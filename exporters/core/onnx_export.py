@@ -18,7 +18,7 @@ import os
 import sys
 import tempfile
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +100,7 @@ def attach_weights(model: onnx.ModelProto, state: dict[str, torch.Tensor], user_
     used = list(dict.fromkeys(n for node in graph.node for n in node.input if n in weights))
     total = sum(math.prod(shapes[n]) for n in used) * max(itemsize.values(), default=0)
     data = path.with_name(path.name + ".data") if total >= EXTERNAL_DATA_BYTES else None
-    with open(data, "wb") if data else _nullfile() as side:
+    with open(data, "wb") if data else nullcontext() as side:
         for name in used:
             graph.initializer.append(_initializer(weights.pop(name)(), name, side, data))
     onnx.save_model(model, str(path))
@@ -121,11 +121,6 @@ def _initializer(tensor: torch.Tensor, name: str, side, data: Path | None) -> on
         entry = t.external_data.add()
         entry.key, entry.value = k, v
     return t
-
-
-@contextmanager
-def _nullfile():
-    yield None
 
 
 @contextmanager

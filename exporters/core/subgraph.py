@@ -10,11 +10,13 @@ from torch import nn
 
 @dataclass(frozen=True)
 class TensorDecl:
-    """A graph input/output: int dims are static, str dims are gear dims."""
+    """A graph input/output: int dims are static, str dims are gear dims; ``role`` tells the
+    runtime what it feeds or reads there (runtime/schema.py lists the roles)."""
 
     name: str
     dtype: str
     dims: tuple
+    role: str | None = None
 
     def shape(self, gear: dict[str, int]) -> tuple[int, ...]:
         return tuple(gear[d] if isinstance(d, str) else d for d in self.dims)

@@ -1,85 +1,134 @@
-"""Subgraph specs for a Llama-family LLM: the token embedding and the decoder groups.
+"""The Llama (Vicuna) decoder kind: MiniGPT-4's Vicuna v0 and LLaVA-1.5's Vicuna v1.5.
 
-Shared by every recipe whose LLM is a Llama (MiniGPT-4's Vicuna, LLaVA's Vicuna v1.5).
+Graphs (see graphs/llama.py): ``embed`` input_ids -> inputs_embeds, and ``decoder_N`` layer
+groups taking hidden states, 1-D positions, the cache's validity mask and the group's stacked
+past keys/values (the last group also ``logits_index``), returning the next group's hidden
+states or fp32 logits, and the new tokens' keys/values. Attention is causal.
 """
 from __future__ import annotations
 
-import itertools
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from vlm2om.graphs.llama import LlamaConfig
+from vlm2om.graphs.common import cast_module, init_random_
+from vlm2om.graphs.llama import LlamaConfig, LlamaDecoderGroup, LlamaEmbedding
 
+from vlm2om.exporters.core.checkpoints import assign
+from vlm2om.exporters.core.options import Gears
 from vlm2om.exporters.core.subgraph import Subgraph, TensorDecl
+from vlm2om.exporters.llm.common import LlmParts, decoder_gears, group_bounds
 
 
-def group_bounds(layers: int, per_group: int) -> list[tuple[int, int]]:
-    per_group = max(1, min(per_group, layers))
-    return [(s, min(s + per_group, layers)) for s in range(0, layers, per_group)]
+@dataclass(frozen=True)
+class LlamaSpec:
+    cfg: LlamaConfig
+    attention = "causal"
+    # A Llama SentencePiece tokenizer (LLaMA-1/2, Vicuna v0/v1.5, the tiny preset's): <unk>=0, <s>=1, </s>=2.
+    tokenizer = {"kind": "sentencepiece", "file": "tokenizer.model", "bos_id": 1, "eos_id": 2, "eos_ids": [2]}
+    special_tokens = {"bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 
+    @property
+    def hidden(self) -> int:
+        return self.cfg.hidden
 
-def decoder_gears(seq_gears: list[int], cache_gears: list[int], batch: int = 1) -> list[dict[str, int]]:
-    gears = [{"batch": batch, "seq": s, "cache": c} for s, c in itertools.product(seq_gears, cache_gears)]
-    if len(gears) > 100:
-        raise ValueError(f"{len(seq_gears)} seq x {len(cache_gears)} cache gears = {len(gears)}; ATC allows 100")
-    return gears
+    def embed_subgraph(self, build: Callable[[], nn.Module], seq_gears: list[int], dtype: str) -> Subgraph:
+        cfg = self.cfg
 
+        def make(gear, gen):
+            return {"input_ids": torch.randint(0, cfg.vocab_size, (gear["batch"], gear["seq"]), generator=gen)}
 
-def embed_subgraph(build: Callable[[], nn.Module], cfg: LlamaConfig, seq_gears: list[int],
-                   dtype: str) -> Subgraph:
-    def make(gear, gen):
-        return {"input_ids": torch.randint(0, cfg.vocab_size, (gear["batch"], gear["seq"]), generator=gen)}
+        return Subgraph(
+            "embed", build,
+            [TensorDecl("input_ids", "int64", ("batch", "seq"), "token_ids")],
+            [TensorDecl("inputs_embeds", dtype, ("batch", "seq", cfg.hidden), "embeds")],
+            make, [{"batch": 1, "seq": s} for s in seq_gears])
 
-    return Subgraph(
-        "embed", build,
-        [TensorDecl("input_ids", "int64", ("batch", "seq"))],
-        [TensorDecl("inputs_embeds", dtype, ("batch", "seq", cfg.hidden))],
-        make, [{"batch": 1, "seq": s} for s in seq_gears])
+    def group_subgraph(self, index: int, build: Callable[[], nn.Module], bounds: tuple[int, int],
+                       seq_gears: list[int], cache_gears: list[int], dtype: str) -> Subgraph:
+        """Layers ``bounds`` = [start, stop); ``build`` makes that LlamaDecoderGroup."""
+        cfg, (start, stop) = self.cfg, bounds
+        n, kvh, d = stop - start, cfg.kv_heads, cfg.head_dim
+        tdtype, last = getattr(torch, dtype), stop == cfg.layers
 
+        def make(gear, gen):
+            b, s, c = gear["batch"], gear["seq"], gear["cache"]
+            valid = int(torch.randint(1, c, (), generator=gen))
+            mask = torch.zeros(b, c)
+            mask[:, :valid] = 1
+            return {
+                "hidden_states": torch.randn(b, s, cfg.hidden, generator=gen).to(tdtype),
+                "position_ids": (valid + torch.arange(s)).expand(b, s).contiguous(),
+                "attention_mask": mask,
+                "past_kv": torch.randn(n, 2, b, kvh, c, d, generator=gen).to(tdtype),
+                **({"logits_index": torch.randint(0, s, (b,), generator=gen)} if last else {}),
+            }
 
-def group_subgraph(index: int, build: Callable[[], nn.Module], cfg: LlamaConfig, bounds: tuple[int, int],
-                   seq_gears: list[int], cache_gears: list[int], dtype: str) -> Subgraph:
-    """Layers ``bounds`` = [start, stop) of ``cfg``; ``build`` makes that LlamaDecoderGroup."""
-    start, stop = bounds
-    n, kvh, d = stop - start, cfg.kv_heads, cfg.head_dim
-    tdtype = getattr(torch, dtype)
+        inputs = [TensorDecl("hidden_states", dtype, ("batch", "seq", cfg.hidden), "hidden"),
+                  TensorDecl("position_ids", "int64", ("batch", "seq"), "positions"),
+                  TensorDecl("attention_mask", "float32", ("batch", "cache"), "valid_mask"),
+                  TensorDecl("past_kv", dtype, (n, 2, "batch", kvh, "cache", d), "past_kv")]
+        if last:  # logits of one position per row: see graphs/llama.py
+            inputs.append(TensorDecl("logits_index", "int64", ("batch",), "logits_index"))
+        # Logits in fp32 whatever the graph's dtype, so that an argmax sees no fp16 ties.
+        out = TensorDecl("logits", "float32", ("batch", cfg.vocab_size), "logits") if last else \
+            TensorDecl("hidden_states_out", dtype, ("batch", "seq", cfg.hidden), "hidden")
+        return Subgraph(
+            f"decoder_{index}", build, inputs,
+            [out, TensorDecl("present_kv", dtype, (n, 2, "batch", kvh, "seq", d), "present_kv")],
+            make, decoder_gears(seq_gears, cache_gears), extra={"layers": [start, stop]})
 
-    def make(gear, gen):
-        b, s, c = gear["batch"], gear["seq"], gear["cache"]
-        valid = int(torch.randint(1, c, (), generator=gen))
-        mask = torch.zeros(b, c)
-        mask[:, :valid] = 1
+    def kv_manifest(self, bounds: list[tuple[int, int]], cache_gears: list[int], dtype: str) -> dict:
+        """The manifest's ``kv_cache`` entry (see docs/bundle.md)."""
+        cfg = self.cfg
         return {
-            "hidden_states": torch.randn(b, s, cfg.hidden, generator=gen).to(tdtype),
-            "position_ids": (valid + torch.arange(s)).expand(b, s).contiguous(),
-            "attention_mask": mask,
-            "past_kv": torch.randn(n, 2, b, kvh, c, d, generator=gen).to(tdtype),
-            **({"logits_index": torch.randint(0, s, (b,), generator=gen)} if last else {}),
+            "layout": "[layers, 2 (key, value), batch, kv_heads, capacity, head_dim]",
+            "keys": "after rotary embedding", "returns": "new tokens only",
+            "input": "past_kv", "output": "present_kv", "mask": "attention_mask",
+            "dtype": dtype, "num_layers": cfg.layers, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+            "group_layers": [b - a for a, b in bounds], "capacity_gears": sorted(cache_gears),
         }
 
-    last = stop == cfg.layers
-    inputs = [TensorDecl("hidden_states", dtype, ("batch", "seq", cfg.hidden)),
-              TensorDecl("position_ids", "int64", ("batch", "seq")),
-              TensorDecl("attention_mask", "float32", ("batch", "cache")),
-              TensorDecl("past_kv", dtype, (n, 2, "batch", kvh, "cache", d))]
-    if last:  # logits of one position per row: see graphs/llama.py
-        inputs.append(TensorDecl("logits_index", "int64", ("batch",)))
-    out = TensorDecl("logits", dtype, ("batch", cfg.vocab_size)) if last else \
-        TensorDecl("hidden_states_out", dtype, ("batch", "seq", cfg.hidden))
-    return Subgraph(
-        f"decoder_{index}", build, inputs,
-        [out, TensorDecl("present_kv", dtype, (n, 2, "batch", kvh, "seq", d))],
-        make, decoder_gears(seq_gears, cache_gears), extra={"layers": [start, stop]})
+    @staticmethod
+    @torch.no_grad()
+    def reference_forward(group, x: torch.Tensor) -> torch.Tensor:
+        """A decoder group over a whole sequence [1, T, H] with an empty cache (causal)."""
+        cfg = group.cfg
+        past = torch.zeros(group.stop - group.start, 2, 1, cfg.kv_heads, 0, cfg.head_dim, dtype=x.dtype)
+        return group(x, torch.arange(x.shape[1])[None], torch.zeros(1, 0), past)[0]
 
 
-def llm_manifest(cfg: LlamaConfig, bounds: list[tuple[int, int]], cache_gears: list[int], dtype: str) -> dict:
-    """The manifest's ``kv_cache`` entry (see docs/bundle.md)."""
-    return {
-        "layout": "[layers, 2 (key, value), batch, kv_heads, capacity, head_dim]",
-        "keys": "after rotary embedding", "returns": "new tokens only",
-        "input": "past_kv", "output": "present_kv", "mask": "attention_mask",
-        "dtype": dtype, "num_layers": cfg.layers, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
-        "group_layers": [b - a for a, b in bounds], "capacity_gears": sorted(cache_gears),
-    }
+def random_llm(llama: LlamaConfig, gears: Gears, seed: int, dtype: str) -> LlmParts:
+    """Seeded random weights: the embedding from ``seed + 4``, group [a, b) from ``seed + 10 + a``."""
+    td, rope = getattr(torch, dtype), gears.rope_length
+    bounds = group_bounds(llama.layers, gears.layers_per_group)
+
+    def group(i: int):
+        a, b = bounds[i]
+        return cast_module(init_random_(LlamaDecoderGroup(llama, a, b, rope), seed + 10 + a, 0.1), td)
+
+    return LlmParts(LlamaSpec(llama), bounds,
+                    lambda: cast_module(init_random_(LlamaEmbedding(llama), seed + 4, 1.0), td), group)
+
+
+def checkpoint_llm(folder: Path, llama: LlamaConfig, keys, gears: Gears, dtype: str) -> LlmParts:
+    """Builders reading a Hugging Face-style folder through ``llama_weights`` with ``keys``."""
+    from vlm2om.exporters.llm import llama_weights as lw
+
+    td, rope = getattr(torch, dtype), gears.rope_length
+    bounds = group_bounds(llama.layers, gears.layers_per_group)
+
+    def embed():
+        return assign(lambda: LlamaEmbedding(llama), lw.embed_state(folder, llama, td, keys).state).eval()
+
+    def group(i: int):
+        a, b = bounds[i]
+        state = lw.decoder_group_state(folder, llama, a, b, td, keys).state
+        g = assign(lambda: LlamaDecoderGroup(llama, a, b, rope), state)
+        g.init_buffers(rope)
+        return cast_module(g, td)
+
+    return LlmParts(LlamaSpec(llama), bounds, embed, group)

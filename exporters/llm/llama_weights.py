@@ -21,8 +21,8 @@ import torch
 
 from vlm2om.graphs.llama import LlamaConfig, LlamaDecoderGroup, LlamaEmbedding
 
-from vlm2om.exporters.core.checkpoints import CheckpointError, Ignore, LoadReport, MappingTable, Plan, TensorSource, \
-    expected_shapes, load_plans, open_hf_folder
+from vlm2om.exporters.core.checkpoints import (CheckpointError, Ignore, LoadReport, MappingTable, Plan, TensorSource,
+                                               expected_shapes, load_plans, on_meta, open_hf_folder)
 
 # transformers' LlamaConfig defaults, for configs that store only what differs (llava-hf's text_config).
 LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
@@ -127,11 +127,6 @@ def vicuna_keys(llm_dir: str | Path) -> LlamaKeys:
     return LlamaKeys(tied=bool(read_json(Path(llm_dir) / "config.json").get("tie_word_embeddings")))
 
 
-def _meta(build):
-    with torch.device("meta"):
-        return build()
-
-
 def _source(folder) -> TensorSource:
     return folder if hasattr(folder, "keys") else open_hf_folder(folder)
 
@@ -139,7 +134,7 @@ def _source(folder) -> TensorSource:
 def embed_state(folder, cfg: LlamaConfig, dtype: torch.dtype | None = None,
                 keys: LlamaKeys = VICUNA) -> LoadReport:
     """State for ``LlamaEmbedding(cfg)``; reads only the embedding matrix."""
-    want = expected_shapes(_meta(lambda: LlamaEmbedding(cfg)))
+    want = expected_shapes(on_meta(lambda: LlamaEmbedding(cfg)))
     return keys.embed.apply(_source(folder), want, dtype=dtype, check_unmapped=False,
                             what="Vicuna embed_tokens")
 
@@ -149,7 +144,7 @@ def decoder_group_state(folder, cfg: LlamaConfig, start: int, stop: int,
     """State for ``LlamaDecoderGroup(cfg, start, stop)``, reading only that group's tensors.
 
     Keys of other groups are not judged here; ``llm_plan`` / ``check_llm_keys`` check them."""
-    want = expected_shapes(_meta(lambda: LlamaDecoderGroup(cfg, start, stop, rope_length=1)))
+    want = expected_shapes(on_meta(lambda: LlamaDecoderGroup(cfg, start, stop, rope_length=1)))
     layers = {"i": {j: start + j for j in range(stop - start)}}
     return keys.decoder.apply(_source(folder), want, layers, dtype, check_unmapped=False,
                               what=f"Vicuna layers [{start}, {stop})")
@@ -158,8 +153,8 @@ def decoder_group_state(folder, cfg: LlamaConfig, start: int, stop: int,
 def llm_plan(source: TensorSource, cfg: LlamaConfig, keys: LlamaKeys = VICUNA,
              check_unmapped: bool = True) -> Plan:
     """Every name and shape of the whole LLM (reads no tensor data)."""
-    want = expected_shapes(_meta(lambda: LlamaEmbedding(cfg)))
-    want.update(expected_shapes(_meta(lambda: LlamaDecoderGroup(cfg, 0, cfg.layers, 1))))
+    want = expected_shapes(on_meta(lambda: LlamaEmbedding(cfg)))
+    want.update(expected_shapes(on_meta(lambda: LlamaDecoderGroup(cfg, 0, cfg.layers, 1))))
     return (keys.embed + keys.decoder).plan(source, want, {"i": range(cfg.layers)}, check_unmapped)
 
 

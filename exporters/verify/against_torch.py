@@ -23,12 +23,12 @@ import torch
 from vlm2om.runtime.backends import open_session
 from vlm2om.runtime.errors import BundleError, InputError
 
-from vlm2om.exporters import get_recipe
+from vlm2om.exporters.families import get_family
 from vlm2om.exporters.core.driver import torch_outputs
 from vlm2om.exporters.core.extras import apply_batch_gears
 from vlm2om.exporters.verify.golden import e2e_limits, thresholds_for
 from vlm2om.exporters.verify.metrics import Metrics, judge
-from vlm2om.exporters.verify.cases import CaseResult, judge_steps, layout_difference, split_at_images, synthetic_images
+from vlm2om.exporters.verify.cases import CaseResult, judge_steps, layout_difference, synthetic_images
 
 
 @dataclass
@@ -42,7 +42,7 @@ class ReferenceSource:
 def reference_source(bundle, checkpoint: Path | None = None) -> ReferenceSource:
     """The recipe and export options that rebuild the bundle's torch modules."""
     m = bundle.manifest
-    recipe = get_recipe(m["family"])
+    recipe = get_family(m["family"])
     opts = dict((m.get("provenance") or {}).get("options") or {})
     if checkpoint is not None:
         if not Path(checkpoint).is_dir():
@@ -73,7 +73,7 @@ def _option(hint, value):
 def check_reference(bundle) -> None:
     """Build the family's reference pipeline without modules: a missing package or an unknown
     family is reported before any graph is rebuilt."""
-    from vlm2om.exporters.verify.torch_pipeline import make_reference
+    from vlm2om.exporters.families import make_reference
 
     make_reference(None, bundle.manifest, bundle.path(bundle.manifest["tokenizer"]["file"]).read_bytes())
 
@@ -123,14 +123,14 @@ def verify_end_to_end(bundle, source: ReferenceSource, images: list[Path], promp
     """Every image x prompt, then each follow-up in the same conversation: per turn, the prompt's
     token ids, per-step logits cosine and greedy agreement with the reference."""
     from vlm2om.runtime.generation import GenerationConfig
-    from vlm2om.runtime.pipeline import VisionChatPipeline
+    from vlm2om.runtime.pipeline import open_pipeline
 
-    from vlm2om.exporters.verify.torch_pipeline import make_reference
+    from vlm2om.exporters.families import make_reference
 
     limits = e2e_limits(bundle, backend)
     mods = source.recipe.build_modules(source.options)
     ref = make_reference(mods, bundle.manifest)
-    pipe = VisionChatPipeline(bundle, backend, **backend_options)
+    pipe = open_pipeline(bundle, backend, **backend_options)
     cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, stop_on_eos=False, stop_strings=())
     results = []
     from PIL import Image
@@ -143,25 +143,22 @@ def verify_end_to_end(bundle, source: ReferenceSource, images: list[Path], promp
             for prompt in prompts:
                 chat, turns = pipe.chat(image), []
                 for turn, question in enumerate([prompt, *follow_ups], 1):
-                    recorded: list[np.ndarray] = []
-                    pipe.decoder.on_logits = recorded.append
-                    for _ in chat.ask(question, cfg):
+                    for _ in chat.ask(question, cfg, record_logits=True):
                         pass
                     turns.append((question, None))
-                    res = CaseResult(len(results), label, question, turn, chat.last.prompt_tokens)
+                    last = chat.last
+                    res = CaseResult(len(results), label, question, turn, last.prompt_tokens)
                     results.append(res)
-                    prompt_keys = chat.cached_keys[:chat.last.prompt_tokens]
-                    _judge_case(res, ref, image, turns, prompt_keys, chat.last.tokens, recorded, limits)
-                    turns[-1] = (question, chat.last.text)  # the history the next turn renders
+                    _judge_case(res, ref, image, turns, last.layout.segments, last.tokens, last.logits, limits)
+                    turns[-1] = (question, last.text)  # the history the next turn renders
     finally:
-        pipe.decoder.on_logits = None
         pipe.close()
     return results
 
 
 @torch.no_grad()
-def _judge_case(res: CaseResult, ref, image, turns, prompt_keys, tokens, recorded, limits) -> None:
-    res.reason = layout_difference(split_at_images(prompt_keys), ref.prompt_ids(turns))
+def _judge_case(res: CaseResult, ref, image, turns, segments, tokens, recorded, limits) -> None:
+    res.reason = layout_difference(segments, ref.prompt_ids(turns))
     if res.reason:
         return
     context = ref.context(image, turns)

@@ -84,7 +84,7 @@ def run_baseline(bundle, cases: list[BenchCase], threads: int = 0, checkpoint: P
                  echo: Callable[[str], None] = print, repeats: int = 1) -> list[BaselineRow]:
     """Every cell the bundle ran, on transformers with the same weights, in this process
     (the median of ``repeats`` timed runs after a warm-up, as for the bundle)."""
-    from vlm2om.exporters.verify.torch_pipeline import make_reference
+    from vlm2om.exporters.families import make_reference
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     src = reference_source(bundle, checkpoint)

@@ -58,17 +58,6 @@ def synthetic_images(size: int = 256) -> list[np.ndarray]:
     return [(np.clip(rgb + rng.normal(0, 0.04, rgb.shape), 0, 1) * 255).astype(np.uint8) for rgb in pictures]
 
 
-def split_at_images(keys: list) -> list[list[int]]:
-    """A prompt (token ids, and (image, row) for image positions) as its text segments."""
-    segments: list[list[int]] = [[]]
-    for prev, k in zip([None, *keys], keys):
-        if isinstance(k, (int, np.integer)):
-            segments[-1].append(int(k))
-        elif not isinstance(prev, tuple):
-            segments.append([])
-    return segments
-
-
 def layout_difference(ours: list[list[int]], theirs: list[list[int]]) -> str:
     """Where two prompts' text tokens first differ ('' when equal)."""
     if ours == theirs:

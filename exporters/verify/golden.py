@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from vlm2om.runtime.backends import open_session
+
+from vlm2om.exporters.ascend.atc import KEEPS_DTYPE_ALREADY
 from vlm2om.runtime.errors import BundleError
 
 from vlm2om.exporters.verify.metrics import E2E_THRESHOLDS, THRESHOLDS, Metrics, judge
 from vlm2om.exporters.verify.cases import CaseResult, judge_steps, layout_difference
 
 GOLDEN_FILE = "golden.npz"
-# ATC precision modes that keep a float32 graph in float32; any other computes in fp16.
-FP32_MODES = ("must_keep_origin_dtype", "force_fp32")
 
 
 class GoldenWriter:
@@ -77,7 +77,7 @@ def thresholds_for(bundle, backend: str) -> tuple[str, dict]:
     dtype = m.get("dtype", "float32")
     if backend == "om":
         modes = {o.get("precision_mode") for o in m.get("atc", {}).get("om", {}).values()}
-        if dtype == "float16" or any(p not in FP32_MODES for p in modes):
+        if dtype == "float16" or any(p not in KEEPS_DTYPE_ALREADY for p in modes):
             dtype = "float16"
     if dtype not in table:
         raise BundleError(f"bundle '{bundle.root}': no verification thresholds for dtype '{dtype}'")
@@ -149,40 +149,32 @@ def _load(store, path: Path, graph: str, key: str) -> np.ndarray:
 def verify_golden_e2e(bundle, backend: str = "ort", **backend_options) -> list[CaseResult]:
     """Each stored end-to-end case through the bundle as a user runs it: the runtime's
     preprocessing, prompt and tokenizer, the image graphs, prefill and KV-cache decode fed the
-    stored answer, against the reference logits the export recorded."""
+    stored answer (``Chat.score``), against the reference logits the export recorded."""
     from PIL import Image
 
-    from vlm2om.runtime.pipeline import VisionChatPipeline
-    from vlm2om.runtime.prompts import Conversation, tokenize_prompt
+    from vlm2om.runtime.pipeline import open_pipeline
 
     entry = golden_entry(bundle)
     if not entry.get("end_to_end"):
         return []
     path, limits = bundle.path(entry["file"]), e2e_limits(bundle, backend)
-    pipe = VisionChatPipeline(bundle, backend, **backend_options)
-    dec, results = pipe.decoder, []
+    pipe = open_pipeline(bundle, backend, **backend_options)
+    results = []
     try:
         with np.load(path, allow_pickle=False) as store:
             for i, case in enumerate(entry["end_to_end"]):
                 def get(name, key=case["key"]):
                     return _load(store, path, "end-to-end", f"{key}/{name}")
 
-                conv = Conversation(pipe.prompt)
-                conv.add_image()
-                conv.ask(case["prompt"])
-                before, after = tokenize_prompt(pipe.tokenizer, conv.segments(), pipe.prompt)
-                image = pipe.encode_image(Image.fromarray(get("image")))
-                res = CaseResult(i, "golden image", case["prompt"], 1, len(before) + len(image) + len(after))
-                results.append(res)
-                res.reason = layout_difference([before, after], [get("prompt_before").tolist(),
-                                                                 get("prompt_after").tolist()])
-                if res.reason:
-                    continue
                 answer = get("answer").tolist()
-                cache = dec.new_cache()
-                ours = [dec.forward(np.concatenate([dec.embed(before), image, dec.embed(after)]), cache)]
-                ours += [dec.forward(dec.embed([t]), cache) for t in answer[:-1]]
-                judge_steps(res, answer, ours, get("logits"), limits, forced=True)
+                chat = pipe.chat(Image.fromarray(get("image")))
+                layout, ours = chat.score(case["prompt"], answer)
+                res = CaseResult(i, "golden image", case["prompt"], 1, layout.length)
+                results.append(res)
+                res.reason = layout_difference(layout.segments, [get("prompt_before").tolist(),
+                                                                 get("prompt_after").tolist()])
+                if not res.reason:
+                    judge_steps(res, answer, ours, get("logits"), limits, forced=True)
     finally:
         pipe.close()
     return results

@@ -18,7 +18,7 @@ from PIL import Image
 
 from vlm2om.runtime.errors import InputError
 
-from vlm2om.exporters.verify.torch_pipeline import make_reference, run_group
+from vlm2om.exporters.families import make_reference
 from vlm2om.exporters.verify.cases import DEFAULT_PROMPTS, synthetic_images
 
 # Teacher-forced answer: any fixed text serves, since the bundle is fed the same tokens.
@@ -30,6 +30,7 @@ class EndToEndTrace:
     def __init__(self, plan, echo: Callable[[str], None] = print):
         m = plan.manifest
         self.pipe = m["pipeline"]
+        self.forward = plan.llm.reference_forward  # a decoder group over the whole sequence
         self.question = DEFAULT_PROMPTS[0]
         self.image = synthetic_images()[0]
         self.logits: np.ndarray | None = None
@@ -66,7 +67,7 @@ class EndToEndTrace:
             text = [emb(self.before), emb(self.after), emb(self.answer[:-1])]
             self.x = torch.cat([text[0], self.x[0], *text[1:]])[None]
         elif name in self.pipe["decoder_graphs"]:
-            self.x = run_group(module, self.x)
+            self.x = self.forward(module, self.x)
             if name == self.pipe["decoder_graphs"][-1]:  # the last group's output is the logits
                 self.logits = self.x[0, self.prompt_tokens - 1:].float().numpy()
                 self.x = None

@@ -11,15 +11,17 @@ from ..errors import InputError
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One graph input or output as the manifest declares it; str dims are gear dims."""
+    """One graph input or output as the manifest declares it; str dims are gear dims. ``role``
+    says what the runtime feeds it or reads from it (decoder graphs; see runtime/schema.py)."""
 
     name: str
     dtype: str
     shape: tuple
+    role: str | None = None
 
     @classmethod
     def from_manifest(cls, entry: dict) -> "TensorSpec":
-        return cls(entry["name"], entry["dtype"], tuple(entry["shape"]))
+        return cls(entry["name"], entry["dtype"], tuple(entry["shape"]), entry.get("role"))
 
     def concrete(self, gear: dict[str, int]) -> tuple[int, ...]:
         return tuple(gear[d] if isinstance(d, str) else d for d in self.shape)

@@ -4,7 +4,7 @@ Why: LLaVA loads its own checkpoint with transformers' warnings for unexpected k
 vision tower from a second folder; llava-hf renamed every key once, and transformers renamed them
 again later. Here every key is mapped through one table per module (a key prefix per layout),
 on a commented ignore list, or an error; shapes are checked against the configs before any
-tensor is read, and pickles are read with ``weights_only`` (checkpoints.py).
+tensor is read, and pickles are read with ``weights_only`` (core/checkpoints.py).
 
 ``--checkpoint DIR`` is the model folder as downloaded, in either layout.
 
@@ -50,15 +50,13 @@ from pathlib import Path
 import torch
 
 from vlm2om.graphs.clip_vit import ClipVisionConfig, ClipVisionTower
-from vlm2om.graphs.common import cast_module
 from vlm2om.graphs.llama import LlamaConfig
 from vlm2om.graphs.projector import MlpGeluProjector, MlpGeluProjectorConfig
 
 from vlm2om.exporters.core.checkpoints import (HF_WEIGHT_FILES, CheckpointError, Ignore, LoadReport, MappingTable, Plan,
-                          TensorSource, check_plans, coverage_plan, expected_shapes, load_plans,
-                          open_hf_folder)
+                                               TensorSource, check_plans, coverage_plan, expected_shapes, load_plans,
+                                               on_meta, open_hf_folder)
 from vlm2om.exporters.llm.llama_weights import LLAMA_DEFAULTS, LlamaKeys, llama_config, llm_plan, read_json
-from vlm2om.exporters.core.recipe import Gears, assign, checkpoint_llm
 
 CLIP_FOLDER = "clip-vit-large-patch14-336"
 # transformers' CLIPVisionConfig defaults, for configs that store only what differs.
@@ -253,14 +251,9 @@ def open_checkpoint(root: str | Path) -> LlavaCheckpoint:
                           "nor a llava-hf one (text_config, vision_config)")
 
 
-def _meta(build):
-    with torch.device("meta"):
-        return build()
-
-
 def vision_plans(ck: LlavaCheckpoint, check_unmapped: bool | None = None) -> list[Plan]:
     """The tower; a CLIP folder of its own is checked key by key here (text tower ignored)."""
-    want = expected_shapes(_meta(lambda: ClipVisionTower(ck.vision)))
+    want = expected_shapes(on_meta(lambda: ClipVisionTower(ck.vision)))
     own = ck.vision_dir != ck.root
     table = clip_table(ck.vision_prefix, ck.vision) + MappingTable((), CLIP_MODEL_IGNORE if own else ())
     return [table.plan(open_hf_folder(ck.vision_dir), want, {"i": range(ck.vision.built_layers)},
@@ -268,7 +261,7 @@ def vision_plans(ck: LlavaCheckpoint, check_unmapped: bool | None = None) -> lis
 
 
 def projector_plans(ck: LlavaCheckpoint, source: TensorSource | None = None) -> list[Plan]:
-    want = expected_shapes(_meta(lambda: MlpGeluProjector(ck.projector)))
+    want = expected_shapes(on_meta(lambda: MlpGeluProjector(ck.projector)))
     return [projector_table(ck.projector_keys).plan(source or open_hf_folder(ck.root), want, check_unmapped=False)]
 
 
@@ -299,24 +292,3 @@ def vision_state(ck: LlavaCheckpoint, dtype: torch.dtype | None = None) -> LoadR
 def projector_state(ck: LlavaCheckpoint, dtype: torch.dtype | None = None) -> LoadReport:
     """State for ``MlpGeluProjector(ck.projector)``."""
     return load_plans(projector_plans(ck), dtype, "the LLaVA projector")
-
-
-def load_parts(checkpoint: Path, dtype: str, gears: Gears):
-    """LlavaParts whose builders read one graph's tensors each, after the whole folder checked out."""
-    from vlm2om.exporters.families.llava15.recipe import LlavaParts
-
-    ck = open_checkpoint(checkpoint)
-    ignored = check_checkpoint(ck)
-    td = getattr(torch, dtype)
-
-    # Read at the checkpoint's dtype, then cast: the tower's LayerNorms stay fp32 (cast_module).
-    def vision():
-        return cast_module(assign(lambda: ClipVisionTower(ck.vision), vision_state(ck).state), td)
-
-    def projector():
-        return cast_module(assign(lambda: MlpGeluProjector(ck.projector), projector_state(ck).state), td)
-
-    llm = checkpoint_llm(ck.root, ck.llama, ck.llm_keys, gears, dtype)
-    source = {"checkpoint": str(checkpoint), "layout": ck.layout, "ignored_keys": ignored}
-    return LlavaParts(ck.vision, ck.projector, llm, ck.tokenizer_model.read_bytes(), source, vision, projector,
-                      ck.pad_to_square, ck.legacy, ck.image_token_index, ck.layout)

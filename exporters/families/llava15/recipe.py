@@ -16,36 +16,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
-from torch import nn
 
 from vlm2om.graphs.clip_vit import ClipVisionConfig, ClipVisionTower
 from vlm2om.graphs.common import cast_module, init_random_
 from vlm2om.graphs.llama import LlamaConfig
 from vlm2om.graphs.projector import MlpGeluProjector, MlpGeluProjectorConfig
-from vlm2om.runtime.errors import InputError
 
-from vlm2om.exporters.core.driver import ExportPlan
-from vlm2om.exporters.core.recipe import (CLIP_MEAN, CLIP_STD, Gears, LlmParts, RecipeOptions, ReferenceModules, assemble,
-                     check_preset, image_graph, random_llm, reference_modules, resolve_gears)
+from vlm2om.exporters.core.plan import ExportPlan
+from vlm2om.exporters.core.plan import CLIP_MEAN, CLIP_STD, ReferenceModules, assemble, image_graph, reference_modules
+from vlm2om.exporters.core.options import Gears, check_preset, resolve_gears
+from vlm2om.exporters.llm.llama import random_llm
 from vlm2om.exporters.core.subgraph import Subgraph, TensorDecl
 from vlm2om.exporters.core.tiny_tokenizer import VOCAB_SIZE as TINY_VOCAB
 from vlm2om.exporters.core.tiny_tokenizer import build_tiny_tokenizer
+from vlm2om.exporters.families.llava15.options import PROMPTS, ExportOptions, LlavaParts
 
 FAMILY = "llava15"
-_SYSTEM = ("A chat between a curious {who} and an artificial intelligence assistant. "
-           "The assistant gives helpful, detailed, and polite answers to the {who}'s questions.")
-# FastChat SEP_STYLE.TWO as LLaVA's conv_templates define them; the first image turn is
-# "<image>\n" + question; "</s>" inside a multi-turn prompt is the EOS token, as LLaVA's Hugging
-# Face tokenizer reads it; "legacy" is replaced by the checkpoint's tokenizer_config flag.
-_TWO = {"style": "two", "roles": ["USER", "ASSISTANT"], "sep": " ", "sep2": "</s>",
-        "image_message": "<image>", "image_message_end": "<image>", "image_join": "\n",
-        "image_placeholder": "<image>", "bos": "first", "specials": {"</s>": 2}, "legacy": False,
-        "stop_strings": ["</s>"]}
-PROMPTS = {"vicuna_v1": {"template": "vicuna_v1", "system": _SYSTEM.format(who="user"), **_TWO},  # v1.5 evals
-           "llava_v1": {"template": "llava_v1", "system": _SYSTEM.format(who="human"), **_TWO}}  # run_llava
 GENERATION = {"max_new_tokens": 1024, "do_sample": False}
 
 
@@ -82,32 +70,6 @@ PRESETS = {
 REAL_GEARS = Gears(seq=(1, 32, 128, 512), cache=(1024, 2048), layers_per_group=4)
 
 
-@dataclass(frozen=True)
-class ExportOptions(RecipeOptions):
-    template: str = "vicuna_v1"  # or "llava_v1"
-
-    def __post_init__(self):
-        if self.template not in PROMPTS:
-            raise InputError(f"unknown LLaVA prompt template '{self.template}' (available: {', '.join(PROMPTS)})")
-
-
-@dataclass
-class LlavaParts:
-    """What is known before any weight is read; each ``build_*`` makes one graph's module."""
-
-    vision_cfg: ClipVisionConfig
-    proj_cfg: MlpGeluProjectorConfig
-    llm: LlmParts
-    tokenizer: bytes
-    source: dict
-    build_vision: Callable[[], nn.Module]
-    build_projector: Callable[[], nn.Module]
-    pad_to_square: bool = True  # image_aspect_ratio 'pad'
-    legacy: bool = False  # the tokenizer's legacy flag (text after a special token)
-    image_token_index: int | None = None
-    layout: str = "preset"
-
-
 def _random_parts(name: str, opts: ExportOptions, gears: Gears) -> LlavaParts:
     p = PRESETS[name]
     proj = MlpGeluProjectorConfig(p.vision.width, p.llama.hidden)
@@ -131,9 +93,9 @@ def build_parts(opts: ExportOptions) -> LlavaParts:
     check_preset(opts, PRESETS)
     if opts.checkpoint is None:
         return _random_parts(opts.preset, opts, gears)
-    from vlm2om.exporters.families.llava15.checkpoint import load_parts
+    from vlm2om.exporters.families.llava15.loader import load_parts
 
-    return load_parts(Path(opts.checkpoint), opts.export_dtype, gears)
+    return load_parts(opts, gears)
 
 
 def build_modules(opts: ExportOptions) -> ReferenceModules:

@@ -33,11 +33,10 @@ from vlm2om.graphs.llama import LlamaConfig
 from vlm2om.graphs.projector import LinearProjector, LinearProjectorConfig
 from vlm2om.graphs.qformer import QFormer, QFormerConfig
 
-from vlm2om.exporters.llm import llama_weights as lw
 from vlm2om.exporters.core.checkpoints import (HF_WEIGHT_FILES, CheckpointError, DictSource, Ignore, LoadReport,
-                          MappingTable, Plan, expected_shapes, load_plans)
+                                               MappingTable, Plan, expected_shapes, load_plans, on_meta)
+from vlm2om.exporters.llm import llama_weights as lw
 
-read_llama_config = lw.read_llama_config  # public here since the first recipe
 EVA_FILE = "eva_vit_g.pth"
 BLIP2_FILE = "blip2_pretrained_flant5xxl.pth"
 MINIGPT4_FILES = ("pretrained_minigpt4_7b.pth", "prerained_minigpt4_7b.pth")
@@ -120,18 +119,13 @@ LN_VISION = MappingTable((("ln_vision.weight", "ln_vision.weight"),
                           ("ln_vision.bias", "ln_vision.bias")))
 
 
-def _meta(build):
-    with torch.device("meta"):
-        return build()
-
-
 def vision_plans(files: MiniGPT4Files, cfg: EvaVitConfig,
                  blocks: tuple[int, int] | None = None) -> list[Plan]:
     """The ViT from eva_vit_g.pth, ln_vision from BLIP-2 (nothing read yet). The whole encoder
     judges every key of the EVA file; a slice (``blocks``) maps only its own blocks."""
     start, stop = blocks or (0, cfg.depth)
     whole = (start, stop) == (0, cfg.depth)
-    want = expected_shapes(_meta(lambda: EvaVisionEncoder(cfg, (start, stop))))
+    want = expected_shapes(on_meta(lambda: EvaVisionEncoder(cfg, (start, stop))))
     ln = {k: v for k, v in want.items() if k.startswith("ln_vision.")}
     trunk = {k: v for k, v in want.items() if k not in ln}
     plans = [eva_table(cfg.depth).plan(DictSource(files.eva), trunk,
@@ -185,7 +179,7 @@ QFORMER_TABLE = MappingTable(QFORMER_ENTRIES, QFORMER_IGNORE)
 
 def qformer_plans(files: MiniGPT4Files, cfg: QFormerConfig) -> list[Plan]:
     """Every key of the BLIP-2 file other than the Q-Former's must be on the ignore list."""
-    want = expected_shapes(_meta(lambda: QFormer(cfg)))
+    want = expected_shapes(on_meta(lambda: QFormer(cfg)))
     return [QFORMER_TABLE.plan(DictSource(files.blip2, "model"), want, {"i": range(cfg.layers)})]
 
 
@@ -207,7 +201,7 @@ PROJECTOR_TABLE = MappingTable(
 
 
 def projector_plans(files: MiniGPT4Files, cfg: LinearProjectorConfig) -> list[Plan]:
-    want = expected_shapes(_meta(lambda: LinearProjector(cfg)))
+    want = expected_shapes(on_meta(lambda: LinearProjector(cfg)))
     return [PROJECTOR_TABLE.plan(DictSource(files.minigpt4, "model"), want)]
 
 
@@ -217,19 +211,7 @@ def projector_state(files: MiniGPT4Files, cfg: LinearProjectorConfig,
     return load_plans(projector_plans(files, cfg), dtype, "MiniGPT-4 llama_proj")
 
 
-# --- LLM: Hugging Face Vicuna folder (llama_weights; Vicuna's keys are model.* + lm_head) ------
-
-def embed_state(files: MiniGPT4Files, cfg: LlamaConfig,
-                dtype: torch.dtype | None = None) -> LoadReport:
-    """State for ``LlamaEmbedding(cfg)``; reads only the embedding matrix."""
-    return lw.embed_state(files.llm_dir, cfg, dtype, lw.vicuna_keys(files.llm_dir))
-
-
-def decoder_group_state(files: MiniGPT4Files, cfg: LlamaConfig, start: int, stop: int,
-                        dtype: torch.dtype | None = None) -> LoadReport:
-    """State for ``LlamaDecoderGroup(cfg, start, stop)``, reading only that group's tensors."""
-    return lw.decoder_group_state(files.llm_dir, cfg, start, stop, dtype, lw.vicuna_keys(files.llm_dir))
-
+# --- LLM: the Hugging Face Vicuna folder (llama_weights; keys model.* + lm_head) ------------
 
 def check_llm_keys(files: MiniGPT4Files, cfg: LlamaConfig) -> LoadReport:
     """Every key and shape of the Vicuna folder, without reading tensor data (raises on problems)."""

@@ -1,4 +1,4 @@
-"""MiniGPT-4's graphs from a real checkpoint folder (layout: minigpt4_weights).
+"""MiniGPT-4's graphs from a real checkpoint folder (layout: checkpoint.py).
 
 Every key and shape of every file is checked before any export work starts, so a bad
 folder fails in seconds, not after an hour of exporting. Each module is then built on the
@@ -15,20 +15,22 @@ from vlm2om.graphs.eva_vit import EvaVisionEncoder, EvaVitConfig
 from vlm2om.graphs.projector import Bridge, LinearProjector, LinearProjectorConfig
 from vlm2om.graphs.qformer import QFormer, QFormerConfig
 
-from vlm2om.exporters.llm import llama_weights as lw
-from vlm2om.exporters.families.minigpt4 import checkpoint as w
 from vlm2om.exporters.core.checkpoints import check_plans
-from vlm2om.exporters.core.recipe import Gears, assign, checkpoint_llm
+from vlm2om.exporters.core.options import Gears
+from vlm2om.exporters.core.checkpoints import assign
+from vlm2om.exporters.llm.llama import checkpoint_llm
+from vlm2om.exporters.families.minigpt4 import checkpoint as w
+from vlm2om.exporters.families.minigpt4.options import ExportOptions, MiniGPT4Parts
+from vlm2om.exporters.llm import llama_weights as lw
 
 
-def load_parts(checkpoint: Path, dtype: str, gears: Gears, vision: EvaVitConfig | None = None,
-               qformer: QFormerConfig | None = None, vision_graphs: int | None = None):
-    from vlm2om.exporters.families.minigpt4.recipe import ExportOptions, MiniGPT4Parts
-
+def load_parts(opts: ExportOptions, gears: Gears) -> MiniGPT4Parts:
+    """Parts whose builders read one graph's tensors each, after the whole folder checked out."""
+    checkpoint, dtype = Path(opts.checkpoint), opts.export_dtype
     files = w.find_files(checkpoint)
     llama = lw.read_llama_config(files.llm_dir)
-    vcfg = vision or EvaVitConfig()
-    qcfg = qformer or QFormerConfig(encoder_width=vcfg.width)
+    vcfg = opts.vision or EvaVitConfig()
+    qcfg = opts.qformer or QFormerConfig(encoder_width=vcfg.width)
     pcfg = LinearProjectorConfig(qcfg.hidden, llama.hidden)
     td = getattr(torch, dtype)
     plans = [*w.vision_plans(files, vcfg), *w.qformer_plans(files, qcfg), *w.projector_plans(files, pcfg)]
@@ -37,9 +39,9 @@ def load_parts(checkpoint: Path, dtype: str, gears: Gears, vision: EvaVitConfig 
     ignored += [f"{p.source.name}: {k} ({why})" for p in plans for k, why in p.ignored]
     del plans  # drop the file handles; each build reopens only what it reads
 
-    # The image side is read at the checkpoint's own dtype: its LayerNorms stay fp32 (cast_module).
-    bounds = ExportOptions(checkpoint=checkpoint, vision_graphs=vision_graphs).vision_bounds(vcfg.depth)
+    bounds = opts.vision_bounds(vcfg.depth)
 
+    # The image side is read at the checkpoint's own dtype: its LayerNorms stay fp32 (cast_module).
     def build_vision(i: int):
         blocks = bounds[i]
         return cast_module(assign(lambda: EvaVisionEncoder(vcfg, blocks),

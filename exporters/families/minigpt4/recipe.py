@@ -10,11 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
-from typing import Callable
 
 import torch
-from torch import nn
 
 from vlm2om.graphs.common import cast_module, init_random_
 from vlm2om.graphs.eva_vit import EvaVisionEncoder, EvaVitConfig
@@ -22,21 +19,20 @@ from vlm2om.graphs.llama import LlamaConfig
 from vlm2om.graphs.projector import Bridge, LinearProjector, LinearProjectorConfig
 from vlm2om.graphs.qformer import QFormer, QFormerConfig
 
-from vlm2om.runtime.errors import InputError
-
-from vlm2om.exporters.core.driver import ExportPlan
-from vlm2om.exporters.llm.llama import group_bounds
-from vlm2om.exporters.core.recipe import (CLIP_MEAN, CLIP_STD, Gears, LlmParts, RecipeOptions, ReferenceModules, assemble,
-                     check_preset, image_graph, random_llm, reference_modules, resolve_gears)
+from vlm2om.exporters.core.plan import ExportPlan
+from vlm2om.exporters.core.plan import CLIP_MEAN, CLIP_STD, ReferenceModules, assemble, image_graph, reference_modules
+from vlm2om.exporters.core.options import Gears, check_preset, resolve_gears
+from vlm2om.exporters.llm.llama import random_llm
 from vlm2om.exporters.core.subgraph import Subgraph, TensorDecl
 from vlm2om.exporters.core.tiny_tokenizer import VOCAB_SIZE as TINY_VOCAB
 from vlm2om.exporters.core.tiny_tokenizer import build_tiny_tokenizer
+from vlm2om.exporters.families.minigpt4.options import ExportOptions, MiniGPT4Parts
 
 FAMILY = "minigpt4"
 SYSTEM = ("Give the following image: <Img>ImageContent</Img>. You will be able to see the image "
           "once I provide it to you. Please answer my questions.")
 PROMPT = {
-    "template": "vicuna_v0", "style": "single", "system": SYSTEM, "roles": ["Human: ", "Assistant: "],
+    "template": "vicuna_v0", "kind": "fastchat_single", "system": SYSTEM, "roles": ["Human: ", "Assistant: "],
     "sep": "###", "image_message": "<Img><ImageHere></Img>", "image_message_end": "</Img>",
     "image_placeholder": "<ImageHere>", "bos": "first", "stop_strings": ["###"],
     "answer_split": "Assistant:",
@@ -72,38 +68,10 @@ PRESETS = {
                     LlamaConfig(vocab_size=32000, hidden=768, layers=12, heads=12, kv_heads=12, ffn=2048),
                     Gears(seq=(1, 16, 64, 256), cache=(256, 512), layers_per_group=12)),
 }
-# Two decoder layers per file and EVA in two graphs: onnxruntime's CPU kernels verify fp16 weights
-# through an fp32 copy, so an export's peak memory is about twice its largest graph (~0.9 GB fp16).
+# Two decoder layers per file and EVA in two graphs (options.REAL_VISION_GRAPHS): onnxruntime's CPU
+# kernels verify fp16 weights through an fp32 copy, so an export's peak memory is about twice its
+# largest graph (~0.9 GB fp16).
 REAL_GEARS = Gears(seq=(1, 32, 128, 512), cache=(256, 512, 1024, 2048), layers_per_group=2)
-REAL_VISION_GRAPHS = 2
-
-
-@dataclass(frozen=True)
-class ExportOptions(RecipeOptions):
-    vision: EvaVitConfig | None = None  # checkpoint sizes the shapes cannot tell (heads); default: real
-    qformer: QFormerConfig | None = None
-    vision_graphs: int | None = None  # EVA blocks split over this many graphs; default 1 (preset), 2 (checkpoint)
-
-    def vision_bounds(self, depth: int) -> list[tuple[int, int]]:
-        n = self.vision_graphs or (REAL_VISION_GRAPHS if self.checkpoint is not None else 1)
-        if not 1 <= n <= depth:
-            raise InputError(f"--vision-graphs {n}: EVA has {depth} blocks")
-        return group_bounds(depth, -(-depth // n))
-
-
-@dataclass
-class MiniGPT4Parts:
-    """What is known before any weight is read; each ``build_*`` makes one graph's module
-    (reading only its weights) so an export holds one graph's weights at a time."""
-
-    vision_cfg: EvaVitConfig
-    qformer_cfg: QFormerConfig
-    llm: LlmParts
-    tokenizer: bytes
-    source: dict
-    vision_bounds: list[tuple[int, int]]  # EVA block slices, one graph each
-    build_vision: Callable[[int], nn.Module]  # slice index -> module
-    build_bridge: Callable[[], nn.Module]
 
 
 def _random_parts(name: str, opts: ExportOptions, gears: Gears) -> MiniGPT4Parts:
@@ -152,8 +120,7 @@ def build_parts(opts: ExportOptions) -> MiniGPT4Parts:
         return _random_parts(opts.preset, opts, gears)
     from vlm2om.exporters.families.minigpt4.loader import load_parts
 
-    return load_parts(Path(opts.checkpoint), opts.export_dtype, gears, opts.vision, opts.qformer,
-                      opts.vision_graphs)
+    return load_parts(opts, gears)
 
 
 def build_modules(opts: ExportOptions) -> ReferenceModules:

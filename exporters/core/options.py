@@ -1,0 +1,75 @@
+"""The export options every family takes, the dtype rule and the gear plan (no torch here, so
+bad options are refused before torch is imported)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Mapping
+
+from vlm2om.runtime.errors import InputError
+
+DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class Gears:
+    """Prompt-chunk lengths, KV-cache capacities and decoder layers per ONNX file."""
+
+    seq: tuple[int, ...]
+    cache: tuple[int, ...]
+    layers_per_group: int
+
+    @property
+    def rope_length(self) -> int:
+        """Positions a RoPE table must cover: a full cache plus one padded prefill chunk."""
+        return max(self.cache) + max(self.seq)
+
+
+@dataclass(frozen=True)
+class RecipeOptions:
+    """Options every family takes (the CLI's); a family subclasses it to add its own."""
+
+    preset: str | None = "tiny"
+    checkpoint: Path | None = None
+    dtype: str | None = None  # default: float16 for a checkpoint (ATC's own default), else float32
+    seq_gears: tuple[int, ...] | None = None
+    cache_gears: tuple[int, ...] | None = None
+    layers_per_group: int | None = None
+    seed: int = 0
+
+    @property
+    def export_dtype(self) -> str:
+        dtype = self.dtype or ("float16" if self.checkpoint is not None else "float32")
+        if dtype not in DTYPES:
+            raise InputError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+        return dtype
+
+    def provenance(self, gears: Gears) -> dict:
+        """The options as recorded in the manifest: the common ones, then a family's own."""
+        own = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in {g.name for g in fields(RecipeOptions)}}
+        return {"preset": self.preset if self.checkpoint is None else None,
+                "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+                "dtype": self.export_dtype, "seq_gears": list(gears.seq), "cache_gears": list(gears.cache),
+                "layers_per_group": gears.layers_per_group, "seed": self.seed,
+                **{k: v for k, v in own.items() if isinstance(v, (str, int, float, bool))},
+                # configs the checkpoint's shapes cannot tell (head counts), for rebuilding the reference
+                **{k: asdict(v) for k, v in own.items() if is_dataclass(v)}}
+
+
+def resolve_gears(opts: RecipeOptions, presets: Mapping[str, Gears], real: Gears) -> Gears:
+    """The options' gears, else the preset's (no checkpoint), else the real-size defaults."""
+    base = presets.get(opts.preset) if opts.checkpoint is None else None
+    base = base or real
+    seq = tuple(sorted(set(opts.seq_gears or base.seq)))
+    cache = tuple(sorted(set(opts.cache_gears or base.cache)))
+    if min(seq) < 1 or min(cache) < 1:
+        raise InputError(f"gears must be positive: seq {seq}, cache {cache}")
+    if 1 not in seq:
+        raise InputError(f"--seq-gears must include 1 for decoding, got {seq}")
+    return Gears(seq, cache, opts.layers_per_group or base.layers_per_group)
+
+
+def check_preset(opts: RecipeOptions, presets: Mapping) -> None:
+    if opts.checkpoint is None and opts.preset not in presets:
+        raise InputError(f"unknown preset '{opts.preset}' (available: {', '.join(presets)})")

@@ -1,0 +1,46 @@
+"""MiniGPT-4's torch reference: ``Blip2ImageEvalProcessor`` with PIL, and the Vicuna v0 prompt
+rendered as ``Conversation.get_prompt`` and tokenized as ``Chat.get_context_emb`` do."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlm2om.exporters.verify.torch_reference import TorchReference, rgb
+
+
+class MiniGPT4Reference(TorchReference):
+    """Vicuna v0 SINGLE-style prompt, each side of ``<ImageHere>`` tokenized on its own with
+    BOS on the first only."""
+
+    def __init__(self, modules, manifest: dict, tokenizer: bytes | None = None):
+        import sentencepiece as spm
+
+        super().__init__(modules, manifest, tokenizer)
+        self.sp = spm.SentencePieceProcessor(model_proto=self.tokenizer)
+
+    def pixels(self, image) -> torch.Tensor:
+        """Resize((S, S), BICUBIC) -> ToTensor -> Normalize."""
+        size, norm = self.pre["resize"]["size"], self.pre["normalize"]
+        img = rgb(image).resize(tuple(size), Image.BICUBIC)
+        x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)
+        mean, std = (torch.tensor(norm[k])[:, None, None] for k in ("mean", "std"))
+        return ((x - mean) / std)[None]
+
+    def prompt_text(self, turns: list[tuple[str, str | None]]) -> str:
+        """The first question carries the image message."""
+        p = self.prompt
+        text = p["system"] + p["sep"]
+        for i, (question, answer) in enumerate(turns):
+            q = f"{p['image_message']} {question}" if i == 0 else question
+            text += p["roles"][0] + q + p["sep"] + p["roles"][1]
+            if answer:  # an empty answer renders as none, as FastChat's ``if message`` does
+                text = text + answer + p["sep"]
+        return text
+
+    def prompt_ids(self, turns) -> list[list[int]]:
+        seg0, seg1 = self.prompt_text(turns).split(self.prompt["image_placeholder"])
+        return [[1] + self.sp.EncodeAsIds(seg0), self.sp.EncodeAsIds(seg1)]
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.sp.EncodeAsIds(text)

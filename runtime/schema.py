@@ -1,0 +1,59 @@
+"""Manifest schema versions: what each declares, and reading version 1 bundles as version 2.
+
+Version 2 (this vlm2om) declares what version 1 left to literal names and one assumed shape:
+
+* ``task``: ``chat`` (generative, KV-cache decoder) today; the pipeline is chosen from it.
+* every embed/decoder graph input and output carries a ``role`` (``hidden``, ``positions``,
+  ``valid_mask``, ``past_kv``, ``logits_index``, ...), and the runtime builds feeds by role;
+* ``pipeline.attention``: ``causal``, or ``prefix_lm`` (the context sees itself both ways);
+* ``pipeline.image_input`` / ``image_output``: where the image chain starts and ends (tensors
+  between image graphs are matched by name, so a graph may pass on more than one);
+  ``image_tokens`` may be null for encoders whose token count varies with the image;
+* ``prompt.kind`` names a prompt kind (version 1 gave FastChat's ``style``).
+
+A version 1 manifest is upgraded in memory (nothing is written): its graphs used exactly the
+names below, its task was chat, its attention causal, its image chain one tensor long.
+"""
+from __future__ import annotations
+
+import copy
+
+from .errors import BundleError
+
+SCHEMA_VERSION = 2
+READABLE = (1, 2)
+TASKS = ("chat",)
+ATTENTION = ("causal", "prefix_lm")
+# The literal tensor names of version 1's embed and decoder graphs, and the role each played.
+V1_ROLES = {"input_ids": "token_ids", "inputs_embeds": "embeds", "hidden_states": "hidden",
+            "position_ids": "positions", "attention_mask": "valid_mask", "past_kv": "past_kv",
+            "logits_index": "logits_index", "hidden_states_out": "hidden", "logits": "logits",
+            "present_kv": "present_kv"}
+
+
+def upgrade(manifest: dict, where: str) -> dict:
+    """The manifest as version 2 (a copy when it was version 1); refuses unknown versions."""
+    version = manifest.get("schema_version")
+    if version not in READABLE:
+        raise BundleError(f"{where}: schema_version {version!r} is not supported by this runtime (it reads "
+                          f"versions {', '.join(map(str, READABLE))}); re-export the bundle with this vlm2om "
+                          "or upgrade vlm2om")
+    if version == 2:
+        return manifest
+    m = copy.deepcopy(manifest)
+    pipe, graphs = m.get("pipeline") or {}, m.get("graphs") or {}
+    m["task"] = "chat"
+    pipe.setdefault("attention", "causal")
+    chain = [graphs[n] for n in pipe.get("image_graphs", []) if n in graphs]
+    if chain:
+        pipe.setdefault("image_input", chain[0]["inputs"][0]["name"])
+        pipe.setdefault("image_output", chain[-1]["outputs"][0]["name"])
+    for name in [pipe.get("embed_graph"), *pipe.get("decoder_graphs", [])]:
+        for spec in [*graphs.get(name, {}).get("inputs", []), *graphs.get(name, {}).get("outputs", [])]:
+            if spec.get("name") in V1_ROLES:
+                spec.setdefault("role", V1_ROLES[spec["name"]])
+    prompt = m.get("prompt") or {}
+    if "kind" not in prompt and prompt.get("style") in ("single", "two"):
+        prompt["kind"] = "fastchat_" + prompt["style"]
+    m["schema_version"] = 2
+    return m

@@ -1,0 +1,17 @@
+"""LLaVA-1.5's prompt templates written out literally (FastChat's ``conv_vicuna_v1`` and LLaVA's
+``conv_llava_v1``, SEP_STYLE.TWO), as the manifest's prompt entry must carry them: the recipe's
+own constants are checked against these, never the other way round."""
+from __future__ import annotations
+
+VICUNA_V1 = {
+    "template": "vicuna_v1", "kind": "fastchat_two",
+    "system": "A chat between a curious user and an artificial intelligence assistant. "
+              "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    "roles": ["USER", "ASSISTANT"], "sep": " ", "sep2": "</s>",
+    "image_message": "<image>", "image_message_end": "<image>", "image_join": "\n",
+    "image_placeholder": "<image>", "bos": "first", "specials": {"</s>": 2}, "legacy": False,
+    "stop_strings": ["</s>"],
+}
+LLAVA_V1 = {**VICUNA_V1, "template": "llava_v1",
+            "system": "A chat between a curious human and an artificial intelligence assistant. "
+                      "The assistant gives helpful, detailed, and polite answers to the human's questions."}
