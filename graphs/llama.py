@@ -198,5 +198,7 @@ class LlamaDecoderGroup(nn.Module):
         if self.is_last:
             if logits_index is not None:
                 x = x.gather(1, logits_index[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]
-            x = self.lm_head(self.norm(x)).float()  # fp32 logits: no fp16 ties at the argmax
+            x = self.lm_head(self.norm(x))
+            if x.dtype != torch.float32:  # fp32 logits: no fp16 ties at the argmax (no op traced in fp32)
+                x = x.float()
         return x, torch.stack(present)

@@ -137,6 +137,18 @@ def test_cycle_finder_finds_cycles():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
+def test_tests_share_code_through_helpers_only():
+    """A test file never imports another test file: what they share lives in tests/helpers/."""
+    for f in _files("tests"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            assert not any(n.split(".")[0].startswith(("test_", "conftest")) for n in names), f
+            bad = [n for n in names if n.startswith("tests.") and not n.startswith("tests.helpers")]
+            relative = isinstance(node, ast.ImportFrom) and node.level and "helpers" not in f.parts
+            assert not bad and not relative, f.relative_to(ROOT)
+
+
 def test_files_stay_small():
     for folder in (*PACKAGES, "tests"):
         for f in _files(folder):

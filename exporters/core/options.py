@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 from vlm2om.runtime.errors import InputError
 
@@ -73,3 +73,14 @@ def resolve_gears(opts: RecipeOptions, presets: Mapping[str, Gears], real: Gears
 def check_preset(opts: RecipeOptions, presets: Mapping) -> None:
     if opts.checkpoint is None and opts.preset not in presets:
         raise InputError(f"unknown preset '{opts.preset}' (available: {', '.join(presets)})")
+
+
+def build_parts(opts: RecipeOptions, presets: Mapping[str, Any], real: Gears,
+                random_parts: Callable[[str, Any, Gears], Any], load_parts: Callable[[Any, Gears], Any]):
+    """A family's parts: seeded random weights for a preset (``presets[name].gears``), or a
+    checkpoint folder read by ``load_parts`` (which checks every key up front)."""
+    gears = resolve_gears(opts, {k: p.gears for k, p in presets.items()}, real)
+    check_preset(opts, presets)
+    if opts.checkpoint is None:
+        return random_parts(opts.preset, opts, gears)
+    return load_parts(opts, gears)

@@ -26,7 +26,8 @@ from vlm2om.graphs.projector import MlpGeluProjector, MlpGeluProjectorConfig
 
 from vlm2om.exporters.core.plan import ExportPlan
 from vlm2om.exporters.core.plan import CLIP_MEAN, CLIP_STD, ReferenceModules, assemble, image_graph, reference_modules
-from vlm2om.exporters.core.options import Gears, check_preset, resolve_gears
+from vlm2om.exporters.core import options
+from vlm2om.exporters.core.options import Gears, resolve_gears
 from vlm2om.exporters.llm.llama import random_llm
 from vlm2om.exporters.core.subgraph import Subgraph, TensorDecl
 from vlm2om.exporters.core.tiny_tokenizer import VOCAB_SIZE as TINY_VOCAB
@@ -89,13 +90,12 @@ def gear_options(opts: ExportOptions) -> Gears:
 
 def build_parts(opts: ExportOptions) -> LlavaParts:
     """Seeded random weights for a preset, or a checkpoint folder checked key by key up front."""
-    gears = gear_options(opts)
-    check_preset(opts, PRESETS)
-    if opts.checkpoint is None:
-        return _random_parts(opts.preset, opts, gears)
-    from vlm2om.exporters.families.llava15.loader import load_parts
+    def load(opts, gears):
+        from vlm2om.exporters.families.llava15.loader import load_parts
 
-    return load_parts(opts, gears)
+        return load_parts(opts, gears)
+
+    return options.build_parts(opts, PRESETS, REAL_GEARS, _random_parts, load)
 
 
 def build_modules(opts: ExportOptions) -> ReferenceModules:
