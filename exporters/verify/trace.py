@@ -44,14 +44,19 @@ class EndToEndTrace:
             return
         self.before, self.after = ref.prompt_ids([(self.question, None)])
         self.answer = ref.text_ids(ANSWER)[:MAX_STEPS]
-        self.prompt_tokens = len(self.before) + self.pipe["image_tokens"] + len(self.after)
-        room = max(m["kv_cache"]["capacity_gears"])
-        if self.prompt_tokens + len(self.answer) - 1 > room:  # the last answer token is never fed
-            self.skipped = (f"the {self.prompt_tokens}-position prompt and {len(self.answer)}-token answer "
-                            f"exceed the largest cache gear {room}")
-            echo(f"export --golden: no end-to-end case ({self.skipped})")
-            return
+        self.room, self.echo = max(m["kv_cache"]["capacity_gears"]), echo
+        self.prompt_tokens = 0  # known once the image graphs ran (an encoder may vary its token count)
         self.x = ref.pixels(Image.fromarray(self.image)).to(ref.dtype)
+
+    def _fits(self) -> bool:
+        """The prompt and the answer fit the largest cache gear (the last answer token is never fed)."""
+        self.prompt_tokens = len(self.before) + self.x.shape[1] + len(self.after)
+        if self.prompt_tokens + len(self.answer) - 1 <= self.room:
+            return True
+        self.skipped = (f"the {self.prompt_tokens}-position prompt and {len(self.answer)}-token answer "
+                        f"exceed the largest cache gear {self.room}")
+        self.echo(f"export --golden: no end-to-end case ({self.skipped})")
+        return False
 
     @torch.no_grad()
     def feed(self, name: str, module: torch.nn.Module) -> None:
@@ -61,6 +66,10 @@ class EndToEndTrace:
         if name in self.pipe["image_graphs"]:
             self.x = module(self.x)
         elif name == self.pipe["embed_graph"]:
+            if not self._fits():
+                self.x = None
+                return
+
             def emb(ids):
                 return module(torch.tensor([ids], dtype=torch.long))[0]
 
