@@ -10,9 +10,11 @@ One group's graph::
     position_ids   [B, S]    int64  absolute positions of the S new tokens
     attention_mask [B, C]    float  1 where a cache slot holds a valid past token, else 0
     past_kv        [L, 2, B, KVH, C, D]   keys (after RoPE) and values of the cache slots
+                   (or, kv_layout per_layer: past_key_i, past_value_i [B, KVH, C, D] per layer)
  (last group) logits_index [B] int64  the one new position per row whose logits are wanted
  -> hidden_states [B, S, H] | logits [B, V] float32 (last group)
     present_kv     [L, 2, B, KVH, S, D]   keys and values of the S new tokens only
+                   (per_layer: present_key_i, present_value_i [B, KVH, S, D])
 
 Decoding needs the next-token logits after a prompt's last position only, so the last group
 gathers that row before its norm and lm_head: a padded prefill chunk of S positions then costs
@@ -22,7 +24,8 @@ New tokens attend to valid cache slots and to new tokens whose position is not l
 than their own, so right padding (positions that keep counting) is never seen by a real
 token. Both RoPE and the causal mask come from ``position_ids`` (a Gather and a compare):
 no Range/Trilu and no shape-dependent control flow, which keeps the graph ATC-friendly.
-KV is stacked per group so a gear lists few dynamic dims (ATC ``--dynamic_dims``).
+KV is stacked per group so a gear lists few dynamic dims (ATC ``--dynamic_dims``), or per layer
+so that no step copies the cache (see ``LlamaDecoderGroup``).
 """
 from __future__ import annotations
 
@@ -157,14 +160,26 @@ class LlamaEmbedding(nn.Module):
         return self.embed_tokens(input_ids)
 
 
-class LlamaDecoderGroup(nn.Module):
-    """Layers ``[start, stop)``; the group that ends the model adds the final norm and lm_head."""
+KV_LAYOUTS = ("stacked", "per_layer")
 
-    def __init__(self, cfg: LlamaConfig, start: int, stop: int, rope_length: int | None = None):
+
+class LlamaDecoderGroup(nn.Module):
+    """Layers ``[start, stop)``; the group that ends the model adds the final norm and lm_head.
+
+    ``kv_layout``: ``stacked`` takes the group's cache as one ``past_kv`` [L, 2, B, KVH, C, D] and
+    returns one ``present_kv`` (few dynamic dims per ATC gear, but the graph splits the stack
+    into layers, which copies the whole cache every step on onnxruntime); ``per_layer`` takes
+    ``past_key_i``, ``past_value_i`` [B, KVH, C, D] per layer and returns ``present_key_i``,
+    ``present_value_i`` (no copy of the cache; two dynamic cache dims per layer in a gear)."""
+
+    def __init__(self, cfg: LlamaConfig, start: int, stop: int, rope_length: int | None = None,
+                 kv_layout: str = "stacked"):
         super().__init__()
         if not 0 <= start < stop <= cfg.layers:
             raise ValueError(f"layer group [{start}, {stop}) is outside 0..{cfg.layers}")
-        self.cfg, self.start, self.stop = cfg, start, stop
+        if kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout {kv_layout!r}: choose one of {KV_LAYOUTS}")
+        self.cfg, self.start, self.stop, self.kv_layout = cfg, start, stop, kv_layout
         self.layers = nn.ModuleList(LlamaLayer(cfg) for _ in range(stop - start))
         self.is_last = stop == cfg.layers
         if self.is_last:
@@ -179,8 +194,17 @@ class LlamaDecoderGroup(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("rope_rot", rotate_half_matrix(self.cfg.head_dim), persistent=False)
 
-    def forward(self, hidden_states, position_ids, attention_mask, past_kv, logits_index=None):
-        """``logits_index`` None (the torch reference): logits at every position [B, S, V]."""
+    def forward(self, hidden_states, position_ids, attention_mask, *cache, logits_index=None):
+        """``cache``: ``past_kv`` (stacked) or ``past_key_0, past_value_0, ...`` (per layer), then
+        ``logits_index`` for the last group; without it (the torch reference) the logits of every
+        position [B, S, V]."""
+        n = len(self.layers)
+        if self.kv_layout == "stacked":
+            past, extra = cache[0].flatten(0, 1).unbind(0), cache[1:]  # one Split, not two slices per layer
+        else:
+            past, extra = cache[:2 * n], cache[2 * n:]
+        if extra:
+            logits_index = extra[0]
         dtype = hidden_states.dtype
         cos = self.rope_cos[position_ids].unsqueeze(1).to(dtype)  # [B, 1, S, D]
         sin = self.rope_sin[position_ids].unsqueeze(1).to(dtype)
@@ -190,15 +214,14 @@ class LlamaDecoderGroup(nn.Module):
         bias_new = torch.where((position_ids[:, None, :] <= position_ids[:, :, None]).unsqueeze(1), zero, neg)
         rope = (cos, sin, self.rope_rot.to(dtype))
         dims = (hidden_states.shape[0], hidden_states.shape[1], attention_mask.shape[1])
-        past = past_kv.flatten(0, 1).unbind(0)  # one Split of the cache, not two slices per layer
         x, present = hidden_states, []
         for i, layer in enumerate(self.layers):
             x, k, v = layer(x, rope, bias_past, bias_new, past[2 * i], past[2 * i + 1], dims)
-            present.append(torch.stack([k, v]))
+            present += [torch.stack([k, v])] if self.kv_layout == "stacked" else [k, v]
         if self.is_last:
             if logits_index is not None:
                 x = x.gather(1, logits_index[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]
             x = self.lm_head(self.norm(x))
             if x.dtype != torch.float32:  # fp32 logits: no fp16 ties at the argmax (no op traced in fp32)
                 x = x.float()
-        return x, torch.stack(present)
+        return (x, torch.stack(present)) if self.kv_layout == "stacked" else (x, *present)

@@ -3,7 +3,8 @@
 Every graph input of the embed and decoder graphs carries a role in the manifest (see
 ``runtime/schema.py``), so the runtime builds each feed from what the input *is*, never from its
 name: ``hidden`` (embeddings, or the previous group's output), ``positions`` [B, S], ``valid_mask``
-[B, C] (which cache slots hold a token), ``past_kv`` (the group's stacked cache), ``logits_index``
+[B, C] (which cache slots hold a token), ``past_kv`` (the group's stacked cache) or ``past_key``/``past_value`` (one layer's, with its
+``layer`` index), ``logits_index``
 [B] (the one position per row whose logits are wanted), ``image_mask`` [B, S] (1 on image
 positions during prefill, 0 elsewhere and in every decode step: InternLM-XComposer2's ``im_mask``)
 and ``prefix_length`` [B] (prefix-LM attention: how many positions form the context).
@@ -23,19 +24,30 @@ from .gears import dim_values, plan_chunks, select_gear
 from .kv_cache import KVCache
 
 BATCH = "batch"
-INPUT_ROLES = ("hidden", "positions", "valid_mask", "past_kv", "logits_index", "image_mask", "prefix_length")
-OUTPUT_ROLES = ("hidden", "logits", "present_kv")
+INPUT_ROLES = ("hidden", "positions", "valid_mask", "past_kv", "past_key", "past_value", "logits_index",
+               "image_mask", "prefix_length")
+OUTPUT_ROLES = ("hidden", "logits", "present_kv", "present_key", "present_value")
+# Cache roles -> the KVCache buffer they read or write: a group's stack, or one layer's key or value.
+CACHE_ROLES = {"past_kv": "kv", "present_kv": "kv", "past_key": "key", "present_key": "key",
+               "past_value": "value", "present_value": "value"}
 
 
-def _roles(bundle, name: str, kind: str, known: tuple[str, ...]) -> dict[str, str]:
-    """role -> tensor name of one graph's inputs or outputs; unknown roles fail at open."""
+def _roles(bundle, name: str, kind: str, known: tuple[str, ...], group: int = 0) -> dict:
+    """role (or, for a cache tensor, its KVCache buffer key) -> tensor name, for one graph's
+    inputs or outputs; unknown roles fail at open."""
     out = {}
     for spec in bundle.graph(name)[kind]:
         role = spec.get("role")
         if role not in known:
             raise BundleError(f"graph '{name}' {kind[:-1]} '{spec['name']}' has role {role!r}, which this runtime "
                               f"does not feed (it knows {', '.join(known)}); upgrade vlm2om")
-        out[role] = spec["name"]
+        if role in CACHE_ROLES:
+            what = CACHE_ROLES[role]
+            if what != "kv" and not isinstance(spec.get("layer"), int):
+                raise BundleError(f"graph '{name}' {kind[:-1]} '{spec['name']}' ({role}) names no layer")
+            out[(what, group if what == "kv" else spec["layer"])] = spec["name"]
+        else:
+            out[role] = spec["name"]
     return out
 
 
@@ -48,8 +60,8 @@ class Decoder:
         self.groups = [sessions[n] for n in self.group_names]
         self.embed_io = (_roles(bundle, self.embed_name, "inputs", ("token_ids",))["token_ids"],
                          _roles(bundle, self.embed_name, "outputs", ("embeds",))["embeds"])
-        self.inputs = [_roles(bundle, n, "inputs", INPUT_ROLES) for n in self.group_names]
-        self.outputs = [_roles(bundle, n, "outputs", OUTPUT_ROLES) for n in self.group_names]
+        self.inputs = [_roles(bundle, n, "inputs", INPUT_ROLES, g) for g, n in enumerate(self.group_names)]
+        self.outputs = [_roles(bundle, n, "outputs", OUTPUT_ROLES, g) for g, n in enumerate(self.group_names)]
         self.mask_dtypes = [np.dtype(next((s["dtype"] for s in bundle.graph(n)["inputs"] if s.get("role") == "image_mask"),
                                           "float32")) for n in self.group_names]
         self.embed_gears = bundle.graph(self.embed_name)["gears"]
@@ -81,7 +93,7 @@ class Decoder:
     def new_cache(self, batch: int = 1) -> KVCache:
         kv = self.kv
         return KVCache(kv["group_layers"], kv["kv_heads"], kv["head_dim"], kv["dtype"], kv["capacity_gears"],
-                       batch=batch)
+                       batch=batch, kind=kv.get("kind", "stacked"))
 
     def embed(self, ids: list[int]) -> np.ndarray:
         """Token ids -> embeddings [n, H], in chunks padded to the embed graph's seq gears."""
@@ -172,18 +184,17 @@ class Decoder:
 
     def _run(self, hidden, positions, cache: KVCache, index, image_mask, prefix):
         """Chain the groups on gear-shaped feeds; return (the logits at position ``index[b]`` of each
-        row b [B, V], present_kv per group). A bundle whose last group returns logits at every
-        position [B, S, V] (exported before ``logits_index``) is read by picking them here."""
-        presents, res = [], {}
+        row b [B, V], the new keys/values by cache buffer). A bundle whose last group returns logits
+        at every position [B, S, V] (exported before ``logits_index``) is read by picking them here."""
+        presents, res = {}, {}
         shared = {"positions": positions, "valid_mask": cache.mask, "logits_index": index,
-                  "prefix_length": prefix}
-        for sess, buf, ins, outs, flag_dtype in zip(self.groups, cache.buffers, self.inputs, self.outputs,
-                                                    self.mask_dtypes):
-            values = {**shared, "hidden": hidden, "past_kv": buf}
+                  "prefix_length": prefix, **cache.arrays}
+        for sess, ins, outs, flag_dtype in zip(self.groups, self.inputs, self.outputs, self.mask_dtypes):
+            values = {**shared, "hidden": hidden}
             if "image_mask" in ins:
                 values["image_mask"] = image_mask.astype(flag_dtype)
-            res = sess.run({name: values[role] for role, name in ins.items()})
-            presents.append(res[outs["present_kv"]])
+            res = sess.run({name: values[key] for key, name in ins.items()})
+            presents.update({key: res[name] for key, name in outs.items() if isinstance(key, tuple)})
             hidden = res.get(outs.get("hidden"))
         logits = res[self.outputs[-1]["logits"]]
         if logits.ndim == 3:

@@ -1,9 +1,16 @@
 """Host-side KV cache buffers owned by the runtime (DESIGN.md: the KV-cache contract).
 
-One buffer per decoder group, laid out ``[layers, 2, batch, kv_heads, capacity, head_dim]``
-as the manifest's ``kv_cache.layout`` says, plus the validity mask ``[batch, capacity]``.
-Writes touch only the new tokens' slots; the buffer is reallocated (copied once) only when
-the sequence outgrows its capacity gear.
+The manifest's ``kv_cache`` entry says how the decoder graphs take the cache:
+
+* ``stacked`` (the default): one buffer per decoder group, ``[layers, 2, batch, kv_heads,
+  capacity, head_dim]``, fed as the group's ``past_kv``;
+* ``per_layer``: a key and a value buffer per layer, ``[batch, kv_heads, capacity, head_dim]``,
+  fed as ``past_key``/``past_value`` of that layer (no graph has to split a stack, which costs a
+  copy of the whole cache every step on onnxruntime).
+
+Either way the capacity is the second-to-last axis, plus one validity mask ``[batch, capacity]``.
+Writes touch only the new tokens' slots; a buffer is reallocated (copied once) only when the
+sequence outgrows its capacity gear.
 """
 from __future__ import annotations
 
@@ -11,11 +18,13 @@ import numpy as np
 
 from .errors import InputError
 
+KINDS = ("stacked", "per_layer")
+
 
 class KVCache:
     def __init__(self, group_layers: list[int], kv_heads: int, head_dim: int, dtype: str,
-                 capacity_gears: list[int], batch: int = 1):
-        self.group_layers = group_layers
+                 capacity_gears: list[int], batch: int = 1, kind: str = "stacked"):
+        self.group_layers, self.kind = group_layers, kind
         self.shape_tail = (kv_heads, head_dim)
         self.dtype = np.dtype(dtype)
         self.gears = sorted(capacity_gears)
@@ -24,11 +33,31 @@ class KVCache:
         self.prefix = np.zeros(batch, np.int64)  # context length per row (prefix-LM attention)
         self._alloc(self.gears[0])
 
-    def _alloc(self, capacity: int) -> None:
+    @property
+    def keys(self) -> list[tuple[str, int]]:
+        """The buffers by (what, index): ("kv", group) stacked, ("key"|"value", layer) per layer."""
+        if self.kind == "stacked":
+            return [("kv", g) for g in range(len(self.group_layers))]
+        return [(what, layer) for layer in range(sum(self.group_layers)) for what in ("key", "value")]
+
+    def _shape(self, key: tuple[str, int], capacity: int) -> tuple[int, ...]:
         h, d = self.shape_tail
-        self.buffers = [np.zeros((n, 2, self.batch, h, capacity, d), self.dtype) for n in self.group_layers]
+        if key[0] == "kv":
+            return (self.group_layers[key[1]], 2, self.batch, h, capacity, d)
+        return (self.batch, h, capacity, d)
+
+    @staticmethod
+    def _batch_axis(key: tuple[str, int]) -> int:
+        return 2 if key[0] == "kv" else 0
+
+    def _alloc(self, capacity: int) -> None:
+        self.arrays = {k: np.zeros(self._shape(k, capacity), self.dtype) for k in self.keys}
         self.mask = np.zeros((self.batch, capacity), np.float32)
         self.capacity = capacity
+
+    @property
+    def buffers(self) -> list[np.ndarray]:
+        return list(self.arrays.values())
 
     @property
     def max_capacity(self) -> int:
@@ -42,18 +71,18 @@ class KVCache:
         if not bigger:
             raise InputError(f"sequence of {total} tokens exceeds the largest cache gear "
                              f"({self.max_capacity}); re-export with larger --cache-gears")
-        old, old_mask, n = self.buffers, self.mask, self.length
+        old, old_mask, n = self.arrays, self.mask, self.length
         self._alloc(bigger[0])
-        for new, prev in zip(self.buffers, old):
-            new[..., :n, :] = prev[..., :n, :]
+        for k, new in self.arrays.items():
+            new[..., :n, :] = old[k][..., :n, :]
         self.mask[:, :n] = old_mask[:, :n]
 
-    def append(self, presents: list[np.ndarray], count: int, valid: np.ndarray | None = None) -> None:
-        """Write the first ``count`` new positions of each group's ``present_kv``; ``valid``
+    def append(self, presents: dict[tuple[str, int], np.ndarray], count: int, valid: np.ndarray | None = None) -> None:
+        """Write the first ``count`` new positions of every buffer's present tensor; ``valid``
         [batch, count] marks which of them hold a real token per row (default: all)."""
         start, stop = self.length, self.length + count
-        for buf, present in zip(self.buffers, presents):
-            buf[..., start:stop, :] = present[..., :count, :]
+        for k, present in presents.items():
+            self.arrays[k][..., start:stop, :] = present[..., :count, :]
         self.mask[:, start:stop] = 1.0 if valid is None else valid
         self.length = stop
 
@@ -61,14 +90,17 @@ class KVCache:
         """A cache of ``batch`` rows holding ``rows`` of this one (the rest empty): a batch
         whose sequences finished moves to a smaller batch gear with one copy."""
         out = KVCache.__new__(KVCache)
-        out.group_layers, out.shape_tail, out.dtype = self.group_layers, self.shape_tail, self.dtype
+        out.group_layers, out.kind, out.shape_tail, out.dtype = self.group_layers, self.kind, self.shape_tail, self.dtype
         out.gears, out.batch, out.length = self.gears, batch, self.length
         out.prefix = np.zeros(batch, np.int64)
         out.prefix[:len(rows)] = self.prefix[rows]
         out._alloc(self.capacity)
         n = self.length
-        for new, old in zip(out.buffers, self.buffers):
-            new[:, :, :len(rows), ..., :n, :] = old[:, :, rows, ..., :n, :]
+        for k, new in out.arrays.items():
+            src = np.take(self.arrays[k][..., :n, :], rows, axis=self._batch_axis(k))
+            index = [slice(None)] * new.ndim
+            index[self._batch_axis(k)], index[-2] = slice(0, len(rows)), slice(0, n)
+            new[tuple(index)] = src
         out.mask[:len(rows), :n] = self.mask[rows, :n]
         return out
 

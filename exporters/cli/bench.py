@@ -30,7 +30,7 @@ from vlm2om.exporters.cli.common import backend_options, int_list, open_bundle, 
 @backend_options(auto=False)
 @report_folder_option
 def bench(bundle, batches, input_lengths, output_lengths, repeats, image, baseline, checkpoint, backend, device_id,
-          threads, no_hash_check, out_dir):
+          threads, spin, no_hash_check, out_dir):
     """Performance report of BUNDLE on the seeds' grid: batch sizes x input/output lengths; writes
     {batch}_batch_performance_{model}.csv per batch size and prints the table."""
     from vlm2om.runtime.bench import BenchOptions, run_grid
@@ -41,7 +41,7 @@ def bench(bundle, batches, input_lengths, output_lengths, repeats, image, baseli
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--output-lengths") from None
     b = open_bundle(bundle, no_hash_check)
-    pipe, _ = open_pipeline(b, backend, device_id, threads)
+    pipe, _ = open_pipeline(b, backend, device_id, threads, spin=spin)
     click.echo(f"benchmarking {bundle} on {backend} (batch gears {pipe.decoder.batch_gears}) ...")
     rows, cases = run_grid(pipe, opts, image, echo=click.echo)
     pipe.close()

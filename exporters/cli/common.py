@@ -65,6 +65,10 @@ def backend_options(auto: bool):
                      help="NPU device id for the om backend."),
         click.option("--threads", type=click.IntRange(min=0), default=0,
                      help="onnxruntime intra-op threads (0: all cores)."),
+        click.option("--spin/--no-spin", default=True, show_default=True,
+                     help="onnxruntime: every graph shares one thread pool whose threads spin between ops "
+                          "(fastest on a quiet machine); --no-spin gives each graph a pool that sleeps between "
+                          "ops (steadier when other work competes for the cores)."),
         click.option("--no-hash-check", is_flag=True, help="Skip the sha256 checks of the bundle's files."))
 
 
@@ -80,14 +84,14 @@ def open_bundle(path: Path, no_hash_check: bool):
     return Bundle.open(path, verify_hashes=not no_hash_check)
 
 
-def open_pipeline(bundle, backend: str, device_id: int, threads: int, low_memory: bool = False):
-    """The chat pipeline of an open bundle on the chosen backend -> (pipeline, backend it runs on)."""
+def open_pipeline(bundle, backend: str, device_id: int, threads: int, low_memory: bool = False, spin: bool = True):
+    """The pipeline of an open bundle's task on the chosen backend -> (pipeline, backend it runs on)."""
     from vlm2om.runtime.backends import resolve_backend
     from vlm2om.runtime.backends.om import has_om
-    from vlm2om.runtime.pipeline import VisionChatPipeline
+    from vlm2om.runtime.pipeline import open_pipeline as pipeline_of
 
     chosen = resolve_backend(backend, bundle)
     if backend == "auto" and chosen == "ort" and has_om(bundle):
         click.echo("note: the bundle has OM files but ais_bench does not import here; running on onnxruntime",
                    err=True)
-    return VisionChatPipeline(bundle, chosen, threads=threads, device_id=device_id, low_memory=low_memory), chosen
+    return pipeline_of(bundle, chosen, threads=threads, device_id=device_id, low_memory=low_memory, spin=spin), chosen

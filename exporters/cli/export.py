@@ -170,6 +170,11 @@ class ExportCommand(click.Command):
 @click.option("--seq-gears", callback=int_list, help="Prompt-chunk lengths compiled, e.g. 1,32,128,512.")
 @click.option("--cache-gears", callback=int_list, help="KV-cache capacities compiled, e.g. 256,512,1024,2048.")
 @click.option("--layers-per-group", type=click.IntRange(min=1), help="Decoder layers per ONNX file.")
+@click.option("--kv-layout", type=click.Choice(["stacked", "per_layer"]), default=None,
+              help="How decoder graphs take the KV cache: stacked, one tensor per layer group (default: fewest "
+                   "dynamic dims per ATC gear, for every CANN release), or per_layer, a key and a value per layer "
+                   "(no per-step copy of the cache on onnxruntime; two dynamic dims per layer in a gear, which "
+                   "needs CANN 7.0 or later).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of a random-weight preset.")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option("--keep-going", is_flag=True,
@@ -182,8 +187,8 @@ class ExportCommand(click.Command):
                    "seq x cache x batch gears may not exceed ATC's 100.")
 @click.option("--opt", "given", multiple=True, metavar="NAME=VALUE",
               help="One of MODEL's own options (repeatable); `vlm2om export MODEL --help` lists them.")
-def export(model, out, checkpoint, preset, dtype, seq_gears, cache_gears, layers_per_group, seed, no_simplify,
-           keep_going, golden, batch_gears, given, **flags):
+def export(model, out, checkpoint, preset, dtype, seq_gears, cache_gears, layers_per_group, kv_layout, seed,
+           no_simplify, keep_going, golden, batch_gears, given, **flags):
     """Export MODEL to a verified bundle of ONNX subgraphs."""
     family = _family(model)
     from vlm2om.exporters.core.driver import write_bundle
@@ -197,7 +202,8 @@ def export(model, out, checkpoint, preset, dtype, seq_gears, cache_gears, layers
     own = own_values(model, family_options(family.ExportOptions), flags, given)
     opts = family.ExportOptions(preset=preset or ("tiny" if checkpoint is None else None),
                                 checkpoint=checkpoint, dtype=dtype, seq_gears=seq_gears,
-                                cache_gears=cache_gears, layers_per_group=layers_per_group, seed=seed, **own)
+                                cache_gears=cache_gears, layers_per_group=layers_per_group, kv_layout=kv_layout,
+                                seed=seed, **own)
     click.echo(f"building {model} subgraphs "
                f"({'checkpoint ' + str(checkpoint) if checkpoint else 'preset ' + opts.preset}) ...")
     plan = family.plan(opts)

@@ -79,11 +79,11 @@ serving_options = stack(  # BUNDLE and where it runs
 image_option = click.option("--image", required=True, type=click.Path(path_type=Path), help="Image file.")
 
 
-def _start(bundle, backend, device_id, threads, no_hash_check, low_memory, decoding: dict):
+def _start(bundle, backend, device_id, threads, spin, no_hash_check, low_memory, decoding: dict):
     """Open BUNDLE; the decoding options are checked before its graphs load (minutes for a 7B bundle)."""
     b = open_bundle(bundle, no_hash_check)
     cfg = generation_config(GenerationConfig.from_manifest(b.manifest["generation"]), **decoding)
-    pipe, chosen = open_pipeline(b, backend, device_id, threads, low_memory)
+    pipe, chosen = open_pipeline(b, backend, device_id, threads, low_memory, spin)
     return pipe, chosen, cfg
 
 
@@ -93,9 +93,9 @@ def _start(bundle, backend, device_id, threads, no_hash_check, low_memory, decod
 @decoding_options
 @serving_options
 @click.option("--stats", is_flag=True, help="Print timings to stderr.")
-def run(bundle, image, prompt, stats, backend, device_id, threads, no_hash_check, low_memory, **decoding):
+def run(bundle, image, prompt, stats, backend, device_id, threads, spin, no_hash_check, low_memory, **decoding):
     """Answer one PROMPT about one image with BUNDLE, streaming tokens as they come."""
-    pipe, chosen, cfg = _start(bundle, backend, device_id, threads, no_hash_check, low_memory, decoding)
+    pipe, chosen, cfg = _start(bundle, backend, device_id, threads, spin, no_hash_check, low_memory, decoding)
     chat = pipe.chat(image)
     for piece in chat.ask(prompt, cfg):
         click.echo(piece, nl=False)
@@ -111,9 +111,9 @@ def run(bundle, image, prompt, stats, backend, device_id, threads, no_hash_check
 @image_option
 @decoding_options
 @serving_options
-def chat(bundle, image, backend, device_id, threads, no_hash_check, low_memory, **decoding):
+def chat(bundle, image, backend, device_id, threads, spin, no_hash_check, low_memory, **decoding):
     """Multi-turn chat about an image. Type /reset to start over, /quit (or Ctrl-D) to leave."""
-    pipe, _, cfg = _start(bundle, backend, device_id, threads, no_hash_check, low_memory, decoding)
+    pipe, _, cfg = _start(bundle, backend, device_id, threads, spin, no_hash_check, low_memory, decoding)
     conv = pipe.chat(image)
     interactive = sys.stdin.isatty()
     while True:

@@ -42,7 +42,7 @@ from vlm2om.exporters.verify.cases import DEFAULT_FOLLOW_UPS, DEFAULT_PROMPTS
 @backend_options(auto=False)
 @report_folder_option
 def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompts, follow_ups, single_turn, new_tokens,
-           no_e2e, low_memory, backend, device_id, threads, no_hash_check, out_dir):
+           no_e2e, low_memory, backend, device_id, threads, spin, no_hash_check, out_dir):
     """Precision report of BUNDLE: per subgraph max/mean abs error, cosine similarity and relative
     Euclidean distance against the thresholds in its manifest, then end to end the per-step
     next-token logits cosine and greedy agreement: the golden case stored at export (--golden),
@@ -66,7 +66,7 @@ def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompt
         if not golden:
             reference = ""
     limits = {k: v for k, v in (("cosine", cosine), ("rel_euclid", rel_euclid)) if v is not None}
-    session = {"device_id": device_id, "threads": threads, "low_memory": low_memory}
+    session = {"device_id": device_id, "threads": threads, "spin": spin, "low_memory": low_memory}
     model, cases = b.manifest["family"], []
     if golden:
         click.echo(f"verifying {bundle} on {backend} against its golden file ...")

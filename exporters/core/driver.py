@@ -98,8 +98,9 @@ def verify_graph(sg: Subgraph, path: Path, cases: list, dtype: str) -> list:
     """onnxruntime on the written file against the torch outputs, gear by gear."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    from vlm2om.runtime.backends.ort import session_options
+
+    opts = session_options(spin=False)  # the process's thread policy (a shared pool, if one exists)
     # Pre-packed MatMul weights would be a second copy of the graph's weights; an export runs
     # each graph a few times only, so memory matters more than the speed packing buys.
     opts.add_session_config_entry("session.disable_prepacking", "1")
@@ -115,7 +116,8 @@ def verify_graph(sg: Subgraph, path: Path, cases: list, dtype: str) -> list:
 
 
 def tensor_entry(sg: Subgraph, d) -> dict:
-    return {"name": d.name, "dtype": d.dtype, "shape": sg.manifest_shape(d), **({"role": d.role} if d.role else {})}
+    return {"name": d.name, "dtype": d.dtype, "shape": sg.manifest_shape(d), **({"role": d.role} if d.role else {}),
+            **({"layer": d.layer} if d.layer is not None else {})}
 
 
 def graph_entry(sg: Subgraph, files: list[Path], rows: list) -> dict:

@@ -9,6 +9,9 @@ from typing import Any, Callable, Mapping
 from vlm2om.runtime.errors import InputError
 
 DTYPES = ("float16", "float32")
+# How a decoder group takes its KV cache (graphs/llama.py): one stacked tensor per group (fewest
+# dynamic dims per ATC gear), or a key and a value per layer (no per-step copy on onnxruntime).
+KV_LAYOUTS = ("stacked", "per_layer")
 
 
 @dataclass(frozen=True)
@@ -18,6 +21,7 @@ class Gears:
     seq: tuple[int, ...]
     cache: tuple[int, ...]
     layers_per_group: int
+    kv_layout: str = "stacked"
 
     @property
     def rope_length(self) -> int:
@@ -36,6 +40,7 @@ class RecipeOptions:
     cache_gears: tuple[int, ...] | None = None
     layers_per_group: int | None = None
     seed: int = 0
+    kv_layout: str | None = None  # default: the preset's, else stacked
 
     @property
     def export_dtype(self) -> str:
@@ -52,6 +57,7 @@ class RecipeOptions:
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None,
                 "dtype": self.export_dtype, "seq_gears": list(gears.seq), "cache_gears": list(gears.cache),
                 "layers_per_group": gears.layers_per_group, "seed": self.seed,
+                **({"kv_layout": gears.kv_layout} if gears.kv_layout != "stacked" else {}),
                 **{k: v for k, v in own.items() if isinstance(v, (str, int, float, bool))},
                 # configs the checkpoint's shapes cannot tell (head counts), for rebuilding the reference
                 **{k: asdict(v) for k, v in own.items() if is_dataclass(v)}}
@@ -67,7 +73,10 @@ def resolve_gears(opts: RecipeOptions, presets: Mapping[str, Gears], real: Gears
         raise InputError(f"gears must be positive: seq {seq}, cache {cache}")
     if 1 not in seq:
         raise InputError(f"--seq-gears must include 1 for decoding, got {seq}")
-    return Gears(seq, cache, opts.layers_per_group or base.layers_per_group)
+    layout = opts.kv_layout or base.kv_layout
+    if layout not in KV_LAYOUTS:
+        raise InputError(f"--kv-layout {layout}: choose one of {', '.join(KV_LAYOUTS)}")
+    return Gears(seq, cache, opts.layers_per_group or base.layers_per_group, layout)
 
 
 def check_preset(opts: RecipeOptions, presets: Mapping) -> None:

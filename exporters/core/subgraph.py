@@ -17,6 +17,7 @@ class TensorDecl:
     dtype: str
     dims: tuple
     role: str | None = None
+    layer: int | None = None  # the decoder layer a per-layer KV tensor belongs to
 
     def shape(self, gear: dict[str, int]) -> tuple[int, ...]:
         return tuple(gear[d] if isinstance(d, str) else d for d in self.dims)

@@ -26,6 +26,7 @@ from vlm2om.exporters.llm.common import LlmParts, decoder_gears, group_bounds
 @dataclass(frozen=True)
 class LlamaSpec:
     cfg: LlamaConfig
+    kv_layout: str = "stacked"  # graphs/llama.py KV_LAYOUTS
     attention = "causal"
     # A Llama SentencePiece tokenizer (LLaMA-1/2, Vicuna v0/v1.5, the tiny preset's): <unk>=0, <s>=1, </s>=2.
     tokenizer = {"kind": "sentencepiece", "file": "tokenizer.model", "bos_id": 1, "eos_id": 2, "eos_ids": [2]}
@@ -54,40 +55,55 @@ class LlamaSpec:
         n, kvh, d = stop - start, cfg.kv_heads, cfg.head_dim
         tdtype, last = getattr(torch, dtype), stop == cfg.layers
 
+        stacked = self.kv_layout == "stacked"
+        per_layer = [(f"{kind}_{start + j}", kind, start + j) for j in range(n) for kind in ("key", "value")]
+
         def make(gear, gen):
             b, s, c = gear["batch"], gear["seq"], gear["cache"]
             valid = int(torch.randint(1, c, (), generator=gen))
             mask = torch.zeros(b, c)
             mask[:, :valid] = 1
+            past = torch.randn(n, 2, b, kvh, c, d, generator=gen).to(tdtype)
+            cache = {"past_kv": past} if stacked else \
+                {f"past_{name}": past[j // 2, j % 2] for j, (name, _, _) in enumerate(per_layer)}
             return {
                 "hidden_states": torch.randn(b, s, cfg.hidden, generator=gen).to(tdtype),
                 "position_ids": (valid + torch.arange(s)).expand(b, s).contiguous(),
-                "attention_mask": mask,
-                "past_kv": torch.randn(n, 2, b, kvh, c, d, generator=gen).to(tdtype),
+                "attention_mask": mask, **cache,
                 **({"logits_index": torch.randint(0, s, (b,), generator=gen)} if last else {}),
             }
 
         inputs = [TensorDecl("hidden_states", dtype, ("batch", "seq", cfg.hidden), "hidden"),
                   TensorDecl("position_ids", "int64", ("batch", "seq"), "positions"),
-                  TensorDecl("attention_mask", "float32", ("batch", "cache"), "valid_mask"),
-                  TensorDecl("past_kv", dtype, (n, 2, "batch", kvh, "cache", d), "past_kv")]
+                  TensorDecl("attention_mask", "float32", ("batch", "cache"), "valid_mask")]
+        if stacked:
+            inputs.append(TensorDecl("past_kv", dtype, (n, 2, "batch", kvh, "cache", d), "past_kv"))
+            presents = [TensorDecl("present_kv", dtype, (n, 2, "batch", kvh, "seq", d), "present_kv")]
+        else:
+            inputs += [TensorDecl(f"past_{name}", dtype, ("batch", kvh, "cache", d), f"past_{kind}", layer)
+                       for name, kind, layer in per_layer]
+            presents = [TensorDecl(f"present_{name}", dtype, ("batch", kvh, "seq", d), f"present_{kind}", layer)
+                        for name, kind, layer in per_layer]
         if last:  # logits of one position per row: see graphs/llama.py
             inputs.append(TensorDecl("logits_index", "int64", ("batch",), "logits_index"))
         # Logits in fp32 whatever the graph's dtype, so that an argmax sees no fp16 ties.
         out = TensorDecl("logits", "float32", ("batch", cfg.vocab_size), "logits") if last else \
             TensorDecl("hidden_states_out", dtype, ("batch", "seq", cfg.hidden), "hidden")
-        return Subgraph(
-            f"decoder_{index}", build, inputs,
-            [out, TensorDecl("present_kv", dtype, (n, 2, "batch", kvh, "seq", d), "present_kv")],
-            make, decoder_gears(seq_gears, cache_gears), extra={"layers": [start, stop]})
+        return Subgraph(f"decoder_{index}", build, inputs, [out, *presents], make,
+                        decoder_gears(seq_gears, cache_gears), extra={"layers": [start, stop]})
 
     def kv_manifest(self, bounds: list[tuple[int, int]], cache_gears: list[int], dtype: str) -> dict:
         """The manifest's ``kv_cache`` entry (see docs/bundle.md)."""
         cfg = self.cfg
+        layout = {"stacked": {"layout": "[layers, 2 (key, value), batch, kv_heads, capacity, head_dim]",
+                              "input": "past_kv", "output": "present_kv"},
+                  "per_layer": {"kind": "per_layer", "layout": "[batch, kv_heads, capacity, head_dim] per layer",
+                                "input": "past_key_<layer>, past_value_<layer>",
+                                "output": "present_key_<layer>, present_value_<layer>"}}[self.kv_layout]
         return {
-            "layout": "[layers, 2 (key, value), batch, kv_heads, capacity, head_dim]",
+            "layout": layout["layout"], **({"kind": "per_layer"} if "kind" in layout else {}),
             "keys": "after rotary embedding", "returns": "new tokens only",
-            "input": "past_kv", "output": "present_kv", "mask": "attention_mask",
+            "input": layout["input"], "output": layout["output"], "mask": "attention_mask",
             "dtype": dtype, "num_layers": cfg.layers, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
             "group_layers": [b - a for a, b in bounds], "capacity_gears": sorted(cache_gears),
         }
@@ -96,9 +112,10 @@ class LlamaSpec:
     @torch.no_grad()
     def reference_forward(group, x: torch.Tensor) -> torch.Tensor:
         """A decoder group over a whole sequence [1, T, H] with an empty cache (causal)."""
-        cfg = group.cfg
-        past = torch.zeros(group.stop - group.start, 2, 1, cfg.kv_heads, 0, cfg.head_dim, dtype=x.dtype)
-        return group(x, torch.arange(x.shape[1])[None], torch.zeros(1, 0), past)[0]
+        cfg, n = group.cfg, group.stop - group.start
+        past = torch.zeros(n, 2, 1, cfg.kv_heads, 0, cfg.head_dim, dtype=x.dtype)
+        cache = [past] if group.kv_layout == "stacked" else [past[j // 2, j % 2] for j in range(2 * n)]
+        return group(x, torch.arange(x.shape[1])[None], torch.zeros(1, 0), *cache)[0]
 
 
 def random_llm(llama: LlamaConfig, gears: Gears, seed: int, dtype: str) -> LlmParts:
@@ -108,9 +125,10 @@ def random_llm(llama: LlamaConfig, gears: Gears, seed: int, dtype: str) -> LlmPa
 
     def group(i: int):
         a, b = bounds[i]
-        return cast_module(init_random_(LlamaDecoderGroup(llama, a, b, rope), seed + 10 + a, 0.1), td)
+        module = LlamaDecoderGroup(llama, a, b, rope, gears.kv_layout)
+        return cast_module(init_random_(module, seed + 10 + a, 0.1), td)
 
-    return LlmParts(LlamaSpec(llama), bounds,
+    return LlmParts(LlamaSpec(llama, gears.kv_layout), bounds,
                     lambda: cast_module(init_random_(LlamaEmbedding(llama), seed + 4, 1.0), td), group)
 
 
@@ -127,8 +145,8 @@ def checkpoint_llm(folder: Path, llama: LlamaConfig, keys, gears: Gears, dtype: 
     def group(i: int):
         a, b = bounds[i]
         state = lw.decoder_group_state(folder, llama, a, b, td, keys).state
-        g = assign(lambda: LlamaDecoderGroup(llama, a, b, rope), state)
+        g = assign(lambda: LlamaDecoderGroup(llama, a, b, rope, gears.kv_layout), state)
         g.init_buffers(rope)
         return cast_module(g, td)
 
-    return LlmParts(LlamaSpec(llama), bounds, embed, group)
+    return LlmParts(LlamaSpec(llama, gears.kv_layout), bounds, embed, group)

@@ -11,7 +11,7 @@ BACKENDS = {
 }
 # The options each backend takes; an option meant for another backend is ignored, so one
 # command line (threads, device id) serves whichever backend `auto` picks.
-OPTIONS = {"ort": ("threads", "providers"), "om": ("device_id",)}
+OPTIONS = {"ort": ("threads", "providers", "spin"), "om": ("device_id",)}
 
 
 def resolve_backend(backend: str, bundle) -> str:

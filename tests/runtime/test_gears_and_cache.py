@@ -29,7 +29,7 @@ def test_kv_cache_grows_once_and_keeps_contents():
     c = KVCache([2, 1], kv_heads=2, head_dim=4, dtype="float32", capacity_gears=[4, 8])
     rng = np.random.default_rng(0)
     first = [rng.normal(size=(n, 2, 1, 2, 3, 4)).astype(np.float32) for n in (2, 1)]
-    c.append(first, 3)
+    c.append(dict(zip(c.keys, first)), 3)
     c.reserve(6)
     assert c.capacity == 8 and c.mask[0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
     np.testing.assert_array_equal(c.buffers[0][..., :3, :], first[0])
@@ -37,3 +37,28 @@ def test_kv_cache_grows_once_and_keeps_contents():
     assert c.length == 1 and c.mask[0].sum() == 1
     with pytest.raises(InputError, match="largest cache gear"):
         c.reserve(9)
+
+
+def test_per_layer_cache_holds_what_the_stacked_one_holds():
+    """The per-layer buffers are the stacked group buffers' layers: same contents after appends,
+    a gear change and a row selection."""
+    rng = np.random.default_rng(1)
+    stacked = KVCache([2, 1], 2, 4, "float32", [4, 8], batch=3)
+    layers = KVCache([2, 1], 2, 4, "float32", [4, 8], batch=3, kind="per_layer")
+    assert layers.keys == [("key", 0), ("value", 0), ("key", 1), ("value", 1), ("key", 2), ("value", 2)]
+    for count in (3, 2):
+        new = [rng.normal(size=(n, 2, 3, 2, count, 4)).astype(np.float32) for n in (2, 1)]
+        valid = (rng.random((3, count)) > 0.3).astype(np.float32)
+        for c in (stacked, layers):
+            c.reserve(c.length + count)
+        stacked.append(dict(zip(stacked.keys, new)), count, valid)
+        per = np.concatenate(new)  # [3 layers, 2, batch, heads, count, dim]
+        layers.append({(w, l): per[l, int(w == "value")] for w, l in layers.keys}, count, valid)
+    for c in (stacked, layers):
+        assert c.capacity == 8 and c.length == 5
+    small_s, small_l = stacked.select_rows([2, 0], 2), layers.select_rows([2, 0], 2)
+    for big, small in ((stacked, small_s), (layers, small_l)):
+        np.testing.assert_array_equal(small.mask[:, :5], big.mask[[2, 0], :5])
+    whole = np.concatenate([small_s.arrays[("kv", 0)], small_s.arrays[("kv", 1)]])
+    for (what, layer), arr in small_l.arrays.items():
+        np.testing.assert_array_equal(arr, whole[layer, int(what == "value")])

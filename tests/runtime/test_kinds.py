@@ -169,3 +169,35 @@ def test_chat_survives_a_turn_that_does_not_fit(tiny_bundle, sample_image, refer
         list(chat.ask("the " * 400, GREEDY))
     list(chat.ask(QUESTIONS[1], GREEDY))
     assert (chat.last.tokens, chat.last.reused_tokens) == reference_turns[1]
+
+
+def test_per_layer_kv_layout_gives_the_stacked_tokens(tmp_path, tiny_opts, tiny_bundle, sample_image,
+                                                       reference_turns):
+    """``--kv-layout per_layer``: a key and a value input per layer (same weights), the same tokens
+    in chat (with a reused prefix) and in a batch, and a graph with no Split of the cache."""
+    import dataclasses
+
+    import onnx
+
+    from vlm2om.exporters.ascend.lint import errors, lint_path
+    from vlm2om.exporters.core.driver import write_bundle
+    from vlm2om.exporters.core.extras import ExportExtras
+    from vlm2om.exporters.families import get_family
+    from vlm2om.runtime.batch import generate_batch
+
+    plan = get_family("minigpt4").plan(dataclasses.replace(tiny_opts, kv_layout="per_layer"))
+    out = write_bundle(plan, tmp_path / "per_layer", echo=lambda s: None,
+                       extras=ExportExtras(batch_gears=(1, 2))).root
+    assert not errors(lint_path(out))
+    pipe = open_bundle(out)
+    m = pipe.bundle.manifest
+    assert m["kv_cache"]["kind"] == "per_layer" and m["provenance"]["options"]["kv_layout"] == "per_layer"
+    last = m["graphs"]["decoder_1"]
+    assert [(s["name"], s["role"], s["layer"]) for s in last["inputs"][3:5]] == [
+        ("past_key_1", "past_key", 1), ("past_value_1", "past_value", 1)]
+    assert not any(n.op_type == "Split" and "past" in n.input[0]
+                   for n in onnx.load(str(out / last["file"])).graph.node)
+    assert _two_turns(pipe, sample_image) == reference_turns
+    res = generate_batch(pipe, [sample_image, sample_image], list(QUESTIONS), GREEDY)
+    single = generate_batch(open_bundle(tiny_bundle), [sample_image], [QUESTIONS[1]], GREEDY)
+    assert res.sequences[0].tokens == reference_turns[0][0] and res.sequences[1].tokens == single.sequences[0].tokens
