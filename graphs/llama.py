@@ -67,11 +67,16 @@ class RMSNorm(nn.Module):
 
 
 def rope_table(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [length, head_dim] in the rotate-half layout of transformers' Llama."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    """cos/sin [length, head_dim] in the rotate-half layout of transformers' Llama: float32 inverse
+    frequencies and angles as transformers computes them, but each of pow, cos and sin evaluated
+    in float64 and rounded once. torch's float32 kernels take vectorised or scalar paths by memory
+    layout, whose results differ in the last bit, which position x inv_freq grows to ~1e-4: the
+    same export must give the same bytes."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = (1.0 / (theta ** exponent.double())).float()
     freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    emb = torch.cat([freqs, freqs], dim=-1).double()
+    return emb.cos().float(), emb.sin().float()
 
 
 def rotate_half_matrix(head_dim: int) -> torch.Tensor:
@@ -198,11 +203,8 @@ class LlamaDecoderGroup(nn.Module):
         """``cache``: ``past_kv`` (stacked) or ``past_key_0, past_value_0, ...`` (per layer), then
         ``logits_index`` for the last group; without it (the torch reference) the logits of every
         position [B, S, V]."""
-        n = len(self.layers)
-        if self.kv_layout == "stacked":
-            past, extra = cache[0].flatten(0, 1).unbind(0), cache[1:]  # one Split, not two slices per layer
-        else:
-            past, extra = cache[:2 * n], cache[2 * n:]
+        n, stacked = len(self.layers), self.kv_layout == "stacked"
+        extra = cache[1:] if stacked else cache[2 * n:]
         if extra:
             logits_index = extra[0]
         dtype = hidden_states.dtype
@@ -214,14 +216,15 @@ class LlamaDecoderGroup(nn.Module):
         bias_new = torch.where((position_ids[:, None, :] <= position_ids[:, :, None]).unsqueeze(1), zero, neg)
         rope = (cos, sin, self.rope_rot.to(dtype))
         dims = (hidden_states.shape[0], hidden_states.shape[1], attention_mask.shape[1])
+        past = cache[0].flatten(0, 1).unbind(0) if stacked else cache[:2 * n]  # stacked: one Split of the cache
         x, present = hidden_states, []
         for i, layer in enumerate(self.layers):
             x, k, v = layer(x, rope, bias_past, bias_new, past[2 * i], past[2 * i + 1], dims)
-            present += [torch.stack([k, v])] if self.kv_layout == "stacked" else [k, v]
+            present += [torch.stack([k, v])] if stacked else [k, v]
         if self.is_last:
             if logits_index is not None:
                 x = x.gather(1, logits_index[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]
             x = self.lm_head(self.norm(x))
             if x.dtype != torch.float32:  # fp32 logits: no fp16 ties at the argmax (no op traced in fp32)
                 x = x.float()
-        return (x, torch.stack(present)) if self.kv_layout == "stacked" else (x, *present)
+        return (x, torch.stack(present)) if stacked else (x, *present)

@@ -63,9 +63,10 @@ class BatchGenerator:
         return fits[0]
 
     def generate(self, prompts: list[np.ndarray], config: GenerationConfig | list | None = None,
-                 record_logits: bool = False) -> BatchResult:
+                 record_logits: bool = False, image_masks: list[np.ndarray] | None = None) -> BatchResult:
         """Decode every prompt (embeddings [n_i, H]) until each row stops on its own;
-        ``config`` is one for all rows or one per row."""
+        ``config`` is one for all rows or one per row; ``image_masks`` [n_i]: 1 on each prompt's
+        image positions (``PromptLayout.image_mask``), for decoders that take an ``image_mask``."""
         if not prompts:
             raise InputError("no prompts to generate from")
         pipe = self.pipe
@@ -84,7 +85,7 @@ class BatchGenerator:
             raise InputError(f"a prompt of {longest} positions exceeds the bundle's largest cache gear "
                              f"({cache.max_capacity}); shorten it or re-export with larger --cache-gears")
         t0 = time.perf_counter()
-        logits = self.dec.prefill(prompts, cache)
+        logits = self.dec.prefill(prompts, cache, image_masks)
         progress = Progress()
         for _ in decode(self.dec, cache, seqs, logits, [len(p) for p in prompts], self.gear_for, progress,
                         clock=time.perf_counter):
@@ -104,5 +105,7 @@ def generate_batch(pipe, images: list, questions: list[str], config: GenerationC
     if len(images) != len(questions):
         raise InputError(f"{len(images)} images but {len(questions)} questions: give one question per image")
     gen = BatchGenerator(pipe)
-    prompts = [gen.prompt(None if im is None else pipe.encode_image(im), q) for im, q in zip(images, questions)]
-    return gen.generate(prompts, config, record_logits)
+    embeds = [[] if im is None else [pipe.encode_image(im)] for im in images]
+    layouts = [gen.layout(q, e) for q, e in zip(questions, embeds)]
+    return gen.generate([lay.embeds(gen.dec, e) for lay, e in zip(layouts, embeds)], config, record_logits,
+                        [lay.image_mask() for lay in layouts])

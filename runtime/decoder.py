@@ -22,6 +22,7 @@ import numpy as np
 from .errors import BundleError, InputError
 from .gears import dim_values, plan_chunks, select_gear
 from .kv_cache import KVCache
+from .schema import ATTENTION
 
 BATCH = "batch"
 INPUT_ROLES = ("hidden", "positions", "valid_mask", "past_kv", "past_key", "past_value", "logits_index",
@@ -67,7 +68,7 @@ class Decoder:
         self.embed_gears = bundle.graph(self.embed_name)["gears"]
         self.dec_gears = bundle.graph(self.group_names[0])["gears"]
         self.attention = pipe.get("attention", "causal")
-        if self.attention not in ("causal", "prefix_lm"):
+        if self.attention not in ATTENTION:
             raise BundleError(f"attention kind '{self.attention}' is not known to this runtime; upgrade vlm2om")
         self.hidden = pipe["hidden_size"]
         self.embed_dtype = np.dtype(pipe["embeds_dtype"])

@@ -22,8 +22,9 @@ from .errors import BundleError
 
 SCHEMA_VERSION = 2
 READABLE = (1, 2)
-TASKS = ("chat",)
 ATTENTION = ("causal", "prefix_lm")
+# Schema 1 manifests name the FastChat separator style instead of a prompt kind.
+V1_PROMPT_STYLES = {"single": "fastchat_single", "two": "fastchat_two"}
 # The literal tensor names of version 1's embed and decoder graphs, and the role each played.
 V1_ROLES = {"input_ids": "token_ids", "inputs_embeds": "embeds", "hidden_states": "hidden",
             "position_ids": "positions", "attention_mask": "valid_mask", "past_kv": "past_kv",
@@ -53,7 +54,7 @@ def upgrade(manifest: dict, where: str) -> dict:
             if spec.get("name") in V1_ROLES:
                 spec.setdefault("role", V1_ROLES[spec["name"]])
     prompt = m.get("prompt") or {}
-    if "kind" not in prompt and prompt.get("style") in ("single", "two"):
-        prompt["kind"] = "fastchat_" + prompt["style"]
+    if "kind" not in prompt and prompt.get("style") in V1_PROMPT_STYLES:
+        prompt["kind"] = V1_PROMPT_STYLES[prompt.pop("style")]
     m["schema_version"] = 2
     return m

@@ -5,6 +5,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from vlm2om.runtime.errors import InputError
+
 from vlm2om.exporters.ascend.atc import MAX_GEARS
 
 
@@ -16,8 +18,8 @@ def group_bounds(layers: int, per_group: int) -> list[tuple[int, int]]:
 def decoder_gears(seq_gears: list[int], cache_gears: list[int], batch: int = 1) -> list[dict[str, int]]:
     gears = [{"batch": batch, "seq": s, "cache": c} for s, c in itertools.product(seq_gears, cache_gears)]
     if len(gears) > MAX_GEARS:
-        raise ValueError(f"{len(seq_gears)} seq x {len(cache_gears)} cache gears = {len(gears)}; "
-                         f"ATC allows {MAX_GEARS}")
+        raise InputError(f"{len(seq_gears)} --seq-gears x {len(cache_gears)} --cache-gears = {len(gears)} gears "
+                         f"per decoder graph; ATC allows {MAX_GEARS}: give fewer")
     return gears
 
 

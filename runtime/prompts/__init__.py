@@ -13,23 +13,11 @@ from ..errors import BundleError
 from .fastchat import FastChatSingle, FastChatTwo, PromptKind
 
 KINDS: dict[str, type[PromptKind]] = {"fastchat_single": FastChatSingle, "fastchat_two": FastChatTwo}
-# Schema 1 manifests name the FastChat separator style instead of a kind.
-V1_STYLES = {"single": "fastchat_single", "two": "fastchat_two"}
-
-
-def kind_name(spec: dict) -> str:
-    """The prompt entry's kind (schema 2), or the one its FastChat ``style`` implies (schema 1)."""
-    if "kind" in spec:
-        return spec["kind"]
-    style = spec.get("style")
-    if style not in V1_STYLES:
-        raise BundleError(f"the manifest's prompt entry names no kind (style {style!r}); known kinds: "
-                          f"{', '.join(KINDS)}")
-    return V1_STYLES[style]
 
 
 def prompt_kind(spec: dict) -> PromptKind:
-    name = kind_name(spec)
+    """The kind the manifest's prompt entry names (a schema 1 entry is upgraded when the bundle opens)."""
+    name = spec.get("kind")
     if name not in KINDS:
         raise BundleError(f"prompt kind '{name}' is not known to this runtime (it knows {', '.join(KINDS)}); "
                           "upgrade vlm2om or re-export the bundle with this one")
@@ -78,4 +66,4 @@ def clean_answer(text: str, spec: dict) -> str:
     return prompt_kind(spec).clean(text)
 
 
-__all__ = ["KINDS", "Conversation", "PromptKind", "clean_answer", "kind_name", "prompt_kind", "tokenize_prompt"]
+__all__ = ["KINDS", "Conversation", "PromptKind", "clean_answer", "prompt_kind", "tokenize_prompt"]
