@@ -4,17 +4,19 @@ on the same weights and the same prompts (``make bench``; it prints figures, nev
 What it measures and how:
 
 * Weights: the MiniGPT-4 "bench" preset (a ~134M-parameter Llama decoder: 768 wide, 12 layers,
-  vocab 32000; seeded random weights), float32. The bundle is exported with ``write_bundle``
-  (seq gears up to 512, cache gears up to 2304, so a 2000-token prompt plus the new tokens fits),
-  or taken from ``--bundle DIR``. The same weights are rebuilt from the bundle's provenance with
+  vocab 32000; seeded random weights), float32. The bundle is exported with ``write_bundle`` in
+  the preset's layout for onnxruntime (per-layer KV, seq gears up to 512, a cache gear every 256
+  slots up to 2304, so a 2000-token prompt plus the new tokens fits), or taken from ``--bundle DIR``. The same weights are rebuilt from the bundle's provenance with
   ``build_modules``, copied into transformers' ``LlamaForCausalLM`` (eager attention) by
   ``hf_llama`` and saved as a Hugging Face folder (safetensors); ``max_position_embeddings`` is
   raised to cover the longest prompt (default RoPE does not depend on it). onnxruntime-genai's own
   model builder makes its fp32 CPU model from that folder. The builder insists on a tokenizer it
   can load: the folder carries the preset's SentencePiece model as a ``LlamaTokenizer``; no system
   tokenizes anything, every one gets the same token ids.
-* Prompts: text only, the first 128, 512, 1024 and 2000 ids of one seeded random sequence in
-  [3, vocab); then 64 greedy new tokens, no EOS stop.
+* Prompts: text only, the first 128, 512, 1024 and 2000 ids (``--contexts``) of one seeded random
+  sequence in [3, vocab); then 64 greedy new tokens (``--new-tokens``), no EOS stop: transformers
+  with no EOS id (plain argmax), the bundle with ``stop_on_eos=False``, genai with min_length
+  (which masks EOS until then; a note is printed should transformers' tokens hold EOS).
 * transformers: ``generate(input_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
   eos_token_id=None)``; TTFT = T(1 new token), ms/token = (T(n) - T(1)) / (n - 1).
   onnxruntime-genai: a Generator (greedy, max_length = min_length = prompt + n); TTFT =
@@ -25,7 +27,8 @@ What it measures and how:
 * A short context in a large cache gear: a second bundle with the same options and two cache
   gears, the largest one and one below the shortest prompt (half its length), so that prompt is
   prefilled and decoded in the largest gear; timed on the shortest prompt beside the others
-  (``--no-large-gear`` skips it). Two gears, not one: a bundle with a single cache gear has no
+  (``--no-large-gear`` skips it; with ``--bundle`` it is exported by the current code from that
+  bundle's recorded options). Two gears, not one: a bundle with a single cache gear has no
   ``cache`` dim in its gear list, which the runtime's gear selection needs.
 * Each system runs in its own process (its own thread pool, so nothing spins against the system
   being timed; the others wait on a pipe), with the same thread count (``--threads``, default:
@@ -48,13 +51,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-SEQ_GEARS = (1, 16, 64, 256, 512)
-CACHE_GEARS = (256, 512, 1024, 2048, 2304)
 BUNDLE, LARGE, GENAI, TORCH = "vlm2om bundle", "bundle, large gear", "onnxruntime-genai fp32", "transformers eager"
 
 
@@ -151,7 +152,8 @@ class Worker:
         self.proc = ctx.Process(target=_serve, args=(kind, str(folder), threads, child), daemon=True)
         self.proc.start()
 
-    def _answer(self):
+    def answer(self):
+        """The worker's next answer (the first says the system is loaded)."""
         status, value = self.conn.recv()
         if status == "error":
             raise SystemExit(f"{self.name} failed:\n{value}")
@@ -159,7 +161,7 @@ class Worker:
 
     def run(self, ids: list[int], n: int) -> dict:
         self.conn.send((ids, n))
-        return self._answer()
+        return self.answer()
 
     def close(self) -> None:
         if self.proc.is_alive():
@@ -287,6 +289,51 @@ def report(results: dict, n: int, large_gear: int | None) -> float:
     return worst
 
 
+@dataclass
+class Setup:
+    """The folders every system loads, and what the report needs to know about them."""
+
+    bundle: Path
+    genai: Path
+    hf: Path
+    large: Path | None  # the bundle whose shortest-prompt runs sit in the largest gear
+    large_gear: int
+    vocab: int
+
+
+def prepare(args, tmp: Path, need: int, shortest: int, threads: int) -> Setup:
+    """Export (or take) the bundle, and make the transformers and onnxruntime-genai folders from
+    the weights its provenance names."""
+    from vlm2om.exporters.families import get_family
+    from vlm2om.exporters.verify.against_torch import reference_source
+    from vlm2om.runtime import Bundle
+
+    folder = args.bundle
+    if folder is None:
+        folder = tmp / "bundle"
+        opts = get_family("minigpt4").ExportOptions(preset="bench", dtype="float32")  # the preset's gears
+        export(opts, folder, "the 'bench' preset")
+    bundle = Bundle.open(folder)
+    source = reference_source(bundle)
+    gears = list(bundle.manifest["kv_cache"]["capacity_gears"])
+    seq = sorted({g["seq"] for g in bundle.graph(bundle.manifest["pipeline"]["decoder_graphs"][0])["gears"]})
+    print(f"bundle {folder}: {bundle.manifest.get('dtype', '?')}, {source.label}, cache gears {gears}, "
+          f"seq gears {seq}", flush=True)
+    if need > max(gears):
+        raise SystemExit(f"{need} positions exceed the bundle's largest cache gear {max(gears)}")
+    large = None
+    if args.no_large_gear or len(gears) == 1:
+        print("short context in a large gear: skipped" + (" (--no-large-gear)" if args.no_large_gear else
+                                                            " (the bundle has one cache gear)"))
+    else:
+        large, small = tmp / "bundle-large-gear", max(1, shortest // 2)  # the shortest prompt cannot fit `small`
+        export(replace(source.options, cache_gears=(small, max(gears))), large,
+               f"the same options with cache gears ({small}, {max(gears)})")
+    vocab = hf_folder(source, tmp / "hf", need)
+    genai_model(tmp / "hf", tmp / "genai", threads)
+    return Setup(folder, tmp / "genai", tmp / "hf", large, max(gears), vocab)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", default="128,512,1024,2000", help="prompt lengths, comma-separated")
@@ -294,7 +341,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--bundle", type=Path, help="time this exported bundle instead of exporting one")
-    ap.add_argument("--no-large-gear", action="store_true", help="skip the one-large-gear bundle")
+    ap.add_argument("--no-large-gear", action="store_true", help="skip the short-context-in-a-large-gear bundle")
     ap.add_argument("--keep", action="store_true", help="keep the folders (their path is printed)")
     args = ap.parse_args()
     contexts = sorted({int(c) for c in args.contexts.split(",")})
@@ -302,51 +349,18 @@ def main() -> int:
     t_start = time.perf_counter()
     print(f"1-minute load average at start: {load()}; threads {threads}; contexts {contexts}; "
           f"{n} new tokens; {reps} runs after one warm-up", flush=True)
-
-    import torch
-    from vlm2om.exporters.families import get_family
-    from vlm2om.exporters.verify.against_torch import reference_source
-    from vlm2om.runtime import Bundle
-
-    torch.set_num_threads(threads)
     tmp = Path(tempfile.mkdtemp(prefix="vlm2om-bench-"))
     workers: list[Worker] = []
     try:
-        bundle_dir = args.bundle
-        if bundle_dir is None:
-            bundle_dir = tmp / "bundle"
-            opts = get_family("minigpt4").ExportOptions(preset="bench", dtype="float32", seq_gears=SEQ_GEARS,
-                                                        cache_gears=CACHE_GEARS)
-            export(opts, bundle_dir, "the 'bench' preset")
-        bundle = Bundle.open(bundle_dir)
-        source = reference_source(bundle)
-        kv = bundle.manifest["kv_cache"]
-        gears, need = list(kv["capacity_gears"]), contexts[-1] + n
-        print(f"bundle {bundle_dir}: {bundle.manifest.get('dtype', '?')}, {source.label}, cache gears {gears}, "
-              f"seq gears {sorted({g['seq'] for g in bundle.graph(bundle.manifest['pipeline']['decoder_graphs'][0])['gears']})}",
-              flush=True)
-        if need > max(gears):
-            raise SystemExit(f"{contexts[-1]} + {n} positions exceed the bundle's largest cache gear {max(gears)}")
-        large_dir = None
-        if args.no_large_gear or len(gears) == 1:
-            print("short context in a large gear: skipped" + (" (--no-large-gear)" if args.no_large_gear else
-                                                                " (the bundle has one cache gear)"))
-        else:
-            large_dir = tmp / "bundle-large-gear"
-            small = max(1, contexts[0] // 2)  # below the shortest prompt: it runs in the largest gear
-            export(replace(source.options, cache_gears=(small, max(gears))), large_dir,
-                   f"the same options with cache gears ({small}, {max(gears)})")
-        vocab = hf_folder(source, tmp / "hf", need)
-        genai_model(tmp / "hf", tmp / "genai", threads)
-        prompt = np.random.default_rng(0).integers(3, vocab, contexts[-1]).tolist()
-
+        setup = prepare(args, tmp, contexts[-1] + n, contexts[0], threads)
+        prompt = np.random.default_rng(0).integers(3, setup.vocab, contexts[-1]).tolist()
         ctx = mp.get_context("spawn")
-        plan = [(BUNDLE, "bundle", bundle_dir), (GENAI, "genai", tmp / "genai"), (TORCH, "torch", tmp / "hf")]
-        if large_dir:
-            plan.append((LARGE, "bundle", large_dir))
+        plan = [(BUNDLE, "bundle", setup.bundle), (GENAI, "genai", setup.genai), (TORCH, "torch", setup.hf)]
+        if setup.large:
+            plan.append((LARGE, "bundle", setup.large))
         workers = [Worker(ctx, name, kind, folder, threads) for name, kind, folder in plan]
         for w in workers:
-            w._answer()
+            w.answer()
         print(f"systems loaded, one process each; setup took {time.perf_counter() - t_start:.0f}s", flush=True)
         print(f"1-minute load average before timing: {load()}", flush=True)
         results = measure(workers, contexts, prompt, n, reps)
@@ -358,7 +372,7 @@ def main() -> int:
             print(f"folders kept in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    worst = report(results, n, max(gears) if large_dir else None)
+    worst = report(results, n, setup.large_gear if setup.large else None)
     print(f"\n({threads} threads; whole run {time.perf_counter() - t_start:.0f}s)")
     print(f"worst decode ratio vs onnxruntime-genai: {worst:.2f}")
     return 0

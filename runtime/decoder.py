@@ -139,9 +139,12 @@ class Decoder:
         that is masked out and keeps counting positions, so no real token sees it in a chunk."""
         lengths, base = [len(r) for r in rows], cache.length
         longest = max(lengths)
-        cache.reserve(base + longest)
+        if self.attention == "prefix_lm":
+            cache.reserve(base + longest)
         out, start = None, 0
         for size in self.chunks(longest, cache):
+            # A chunk attends over the cache as it is (the smallest capacity gear that holds what
+            # exists so far) and its own new keys; the cache grows for them only afterwards.
             s = self.gear(cache, size)["seq"]
             hidden = np.zeros((cache.batch, s, self.hidden), self.embed_dtype)
             valid = np.zeros((cache.batch, size), np.float32)
@@ -159,6 +162,7 @@ class Decoder:
             prefix = np.zeros(cache.batch, np.int64)
             prefix[:len(rows)] = [base + n for n in lengths]
             logits, presents = self._run(hidden, positions, cache, index, flags, prefix)
+            cache.reserve(cache.length + size)
             cache.append(presents, size, valid)
             if out is None:
                 out = np.zeros((len(rows), logits.shape[-1]), np.float32)
@@ -170,7 +174,6 @@ class Decoder:
     def step(self, cache: KVCache, tokens: list[int | None], positions: list[int]) -> np.ndarray:
         """One token per row (None: a finished row kept in the gear, masked out), all written to
         the same new slot; returns the logits [cache.batch, V]."""
-        cache.reserve(cache.length + 1)
         hidden = self.embed_rows([[0 if t is None else t] for t in tokens], cache.batch)
         pos = np.zeros((cache.batch, 1), np.int64)
         pos[:len(positions), 0] = positions
@@ -180,6 +183,7 @@ class Decoder:
             raise BundleError(f"graph '{self.group_names[0]}' has no seq gear of 1, which decoding needs")
         logits, presents = self._run(hidden, pos, cache, np.zeros(cache.batch, np.int64),
                                      np.zeros((cache.batch, 1), np.float32), cache.prefix)
+        cache.reserve(cache.length + 1)  # the new slot, after the step read the cache as it was
         cache.append(presents, 1, valid)
         return logits.astype(np.float32)
 
