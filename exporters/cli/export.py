@@ -171,8 +171,9 @@ class ExportCommand(click.Command):
 @click.option("--cache-gears", callback=int_list, help="KV-cache capacities compiled, e.g. 256,512,1024,2048.")
 @click.option("--layers-per-group", type=click.IntRange(min=1), help="Decoder layers per ONNX file.")
 @click.option("--kv-layout", type=click.Choice(["stacked", "per_layer"]), default=None,
-              help="How decoder graphs take the KV cache: stacked, one tensor per layer group (default: fewest "
-                   "dynamic dims per ATC gear, for every CANN release), or per_layer, a key and a value per layer "
+              help="How decoder graphs take the KV cache: stacked, one tensor per layer group (fewest dynamic "
+                   "dims per ATC gear, for every CANN release; the default, except the bench preset's), or "
+                   "per_layer, a key and a value per layer "
                    "(no per-step copy of the cache on onnxruntime; two dynamic dims per layer in a gear, which "
                    "needs CANN 7.0 or later).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of a random-weight preset.")

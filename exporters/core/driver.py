@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import platform
-import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +25,7 @@ from vlm2om.exporters.verify.golden import GoldenWriter
 from vlm2om.exporters.verify.trace import EndToEndTrace
 from vlm2om.exporters.core.onnx_export import OPSET, export_onnx
 from vlm2om.exporters.core.plan import ExportPlan
+from vlm2om.exporters.core.staging import staging_dir
 from vlm2om.exporters.core.subgraph import Subgraph
 from vlm2om.exporters.verify.metrics import judge, raise_on_failures
 
@@ -42,38 +40,6 @@ def tool_versions() -> dict[str, str]:
         except PackageNotFoundError:  # e.g. vlm2om run from a source tree
             pass
     return versions
-
-
-@contextmanager
-def staging_dir(out: Path):
-    """Yield an empty folder beside ``out``; on success swap it in, on failure remove it."""
-    out = out.resolve()
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output '{out}' exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise InputError(f"output '{out}' is a non-empty folder that is not a bundle; refusing to replace it")
-    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-        tmp.mkdir()
-    except OSError as e:
-        raise InputError(f"cannot write the bundle to '{out}': {e.strerror or e}") from None
-    try:
-        yield tmp
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for p in created:  # folders this export made, innermost first
-            try:
-                p.rmdir()
-            except OSError:
-                break
-        raise
 
 
 def peak_rss_gib() -> float:

@@ -85,11 +85,14 @@ def check_preset(opts: RecipeOptions, presets: Mapping) -> None:
 
 
 def build_parts(opts: RecipeOptions, presets: Mapping[str, Any], real: Gears,
-                random_parts: Callable[[str, Any, Gears], Any], load_parts: Callable[[Any, Gears], Any]):
+                random_parts: Callable[[str, Any, Gears], Any], loader: str):
     """A family's parts: seeded random weights for a preset (``presets[name].gears``), or a
-    checkpoint folder read by ``load_parts`` (which checks every key up front)."""
+    checkpoint folder read by the ``load_parts(opts, gears)`` of the module ``loader`` (imported
+    only then; it checks every key up front)."""
+    import importlib
+
     gears = resolve_gears(opts, {k: p.gears for k, p in presets.items()}, real)
     check_preset(opts, presets)
     if opts.checkpoint is None:
         return random_parts(opts.preset, opts, gears)
-    return load_parts(opts, gears)
+    return importlib.import_module(loader).load_parts(opts, gears)

@@ -15,3 +15,17 @@ VICUNA_V1 = {
 LLAVA_V1 = {**VICUNA_V1, "template": "llava_v1",
             "system": "A chat between a curious human and an artificial intelligence assistant. "
                       "The assistant gives helpful, detailed, and polite answers to the human's questions."}
+
+
+def two_turns(spec: dict):
+    """A conversation about one image with one answered and one open question, rendered by the
+    runtime from ``spec``: (conversation, first turn's text, both turns' text)."""
+    from vlm2om.runtime.prompts import Conversation
+
+    conv = Conversation(spec)
+    conv.add_image()
+    conv.ask("What is this?")
+    first = conv.render()
+    conv.answer("A cat.")
+    conv.ask("Its colour?")
+    return conv, first, conv.render()

@@ -6,25 +6,15 @@ from __future__ import annotations
 import pytest
 import transformers as T
 
-from tests.helpers.templates import LLAVA_V1, VICUNA_V1
+from tests.helpers.templates import LLAVA_V1, VICUNA_V1, two_turns
 from vlm2om.runtime.prompts import Conversation, clean_answer, tokenize_prompt
 
 IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder id between text chunks
 
 
-def two_turns(spec: dict) -> tuple[str, str]:
-    conv = Conversation(spec)
-    conv.add_image()
-    conv.ask("What is this?")
-    first = conv.render()
-    conv.answer("A cat.")
-    conv.ask("Its colour?")
-    return first, conv.render()
-
-
 @pytest.mark.parametrize("spec", [VICUNA_V1, LLAVA_V1], ids=["vicuna_v1", "llava_v1"])
 def test_two_style_rendering(spec):
-    first, second = two_turns(spec)
+    _, first, second = two_turns(spec)
     system = spec["system"]
     assert first == f"{system} USER: <image>\nWhat is this? ASSISTANT:"
     assert second == f"{system} USER: <image>\nWhat is this? ASSISTANT: A cat.</s>USER: Its colour? ASSISTANT:"
@@ -62,7 +52,7 @@ def llava_token_ids(prompt: str, hf_tok) -> list[int]:
 def test_two_style_tokens_match_llava_tokenizer_image_token(tiny_tokenizers, legacy):
     ours, hf = tiny_tokenizers
     spec = {**VICUNA_V1, "legacy": legacy}
-    for prompt in two_turns(spec):
+    for prompt in two_turns(spec)[1:]:
         conv_segments = prompt.split(spec["image_placeholder"])
         segs = tokenize_prompt(ours, conv_segments, spec)
         flat = list(segs[0])

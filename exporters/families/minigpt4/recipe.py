@@ -118,12 +118,7 @@ def gear_options(opts: ExportOptions) -> Gears:
 
 def build_parts(opts: ExportOptions) -> MiniGPT4Parts:
     """Seeded random weights for a preset, or a checkpoint folder checked key by key up front."""
-    def load(opts, gears):
-        from vlm2om.exporters.families.minigpt4.loader import load_parts
-
-        return load_parts(opts, gears)
-
-    return options.build_parts(opts, PRESETS, REAL_GEARS, _random_parts, load)
+    return options.build_parts(opts, PRESETS, REAL_GEARS, _random_parts, "vlm2om.exporters.families.minigpt4.loader")
 
 
 def build_modules(opts: ExportOptions) -> ReferenceModules:

@@ -13,8 +13,9 @@ import sentencepiece as spm
 from PIL import Image
 
 from tests.helpers.images import synthetic_image
+from tests.helpers.templates import two_turns
 from vlm2om.runtime.preprocess import preprocess
-from vlm2om.runtime.prompts import Conversation, clean_answer
+from vlm2om.runtime.prompts import clean_answer
 
 SYSTEM = ("Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I "
           "provide it to you. Please answer my questions.")
@@ -34,18 +35,8 @@ def manifest(tiny_bundle):
     return json.loads((tiny_bundle / "manifest.json").read_text())
 
 
-def _two_turns(spec: dict) -> tuple[Conversation, str, str]:
-    conv = Conversation(spec)
-    conv.add_image()
-    conv.ask("What is this?")
-    first = conv.render()
-    conv.answer("A cat.")
-    conv.ask("Its colour?")
-    return conv, first, conv.render()
-
-
 def test_vicuna0_prompt_text(manifest):
-    conv, first, second = _two_turns(manifest["prompt"])
+    conv, first, second = two_turns(manifest["prompt"])
     assert first == FIRST
     assert second == SECOND
     assert conv.segments() == SECOND.split("<ImageHere>")  # get_context_emb splits at the image
@@ -57,7 +48,7 @@ def test_segments_tokenized_alone_with_bos_on_the_first(manifest, tiny_bundle):
     from vlm2om.runtime.tokenizer import SentencePieceTokenizer
 
     sp = spm.SentencePieceProcessor(model_file=str(tiny_bundle / "tokenizer.model"))
-    conv, _, _ = _two_turns(manifest["prompt"])
+    conv, _, _ = two_turns(manifest["prompt"])
     ours = conv.tokenize(SentencePieceTokenizer(tiny_bundle / "tokenizer.model", 1, 2))
     before, after = SECOND.split("<ImageHere>")
     assert ours == [[sp.bos_id(), *sp.encode(before)], sp.encode(after)]

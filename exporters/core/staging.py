@@ -1,0 +1,209 @@
+"""Where an export writes before its bundle is in place, and what keeps two exports apart.
+
+An export writes into a hidden ``.NAME.partial-PID`` folder beside ``--out`` and swaps it in
+only when everything passed, so the bundle that was there before survives any failure.
+Three things make that hold outside the happy path:
+
+- SIGTERM unwinds like SIGINT (Ctrl-C), so the staging folder is removed on the way out.
+- SIGKILL (an out-of-memory kill is one) cannot be caught: its staging folder stays until the
+  next export to the same ``--out`` finds that the PID in the name is dead and removes it.
+- An exclusive ``flock`` on ``.NAME.lock`` beside ``--out``: a second export to the same folder
+  refuses at once, naming the PID that holds it, rather than interleaving or waiting forever.
+
+The lock file is removed when the export ends. Unlinking a lock file is only safe because
+:func:`_lock` checks, once it holds the lock, that the path still names the file it locked;
+without that check a process that opened the old file just before the unlink could hold a
+lock nobody else sees. A SIGKILLed export leaves its lock file behind; it is unlocked (the
+kernel drops a dead process's locks) and the next export simply takes it.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import signal
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from vlm2om.runtime.bundle import MANIFEST
+from vlm2om.runtime.errors import InputError, Vlm2omError
+
+
+class ExportTerminated(KeyboardInterrupt):
+    """Raised by the SIGTERM handler. A KeyboardInterrupt, so it unwinds through every
+    ``except Exception`` in torch, onnx and our own code exactly as Ctrl-C would."""
+
+
+@contextmanager
+def staging_dir(out: Path, echo: Callable[[str], None] = print) -> Iterator[Path]:
+    """Yield an empty folder beside ``out``; on success swap it in, on failure remove it.
+
+    Holds ``out``'s lock throughout, removes the staging folders of dead exports first (saying
+    so through ``echo``) and turns SIGTERM into a clean, one-line failure."""
+    out = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output '{out}' exists and is not a directory")
+    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    lock_path = out.parent / f".{out.name}.lock"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd = _lock(lock_path, out)
+    except OSError as e:
+        _remove_created(created)
+        raise InputError(f"cannot write the bundle to '{out}': {e.strerror or e}") from None
+    except BaseException:
+        _remove_created(created)
+        raise
+    done = False
+    try:
+        with _sigterm_raises():
+            _clear_stale(out, echo)
+            if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+                raise InputError(f"output '{out}' is a non-empty folder that is not a bundle; "
+                                 "refusing to replace it")
+            tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+            try:
+                tmp.mkdir()
+            except OSError as e:
+                raise InputError(f"cannot write the bundle to '{out}': {e.strerror or e}") from None
+            try:
+                yield tmp
+                _swap(tmp, out)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        done = True
+    except ExportTerminated:
+        raise Vlm2omError(f"export to '{out}' stopped by SIGTERM; its staging folder was removed "
+                          "and the bundle there before is unchanged") from None
+    finally:
+        _unlock(lock_path, fd)
+        if not done:
+            _remove_created(created)
+
+
+def _swap(tmp: Path, out: Path) -> None:
+    """``tmp`` becomes ``out``; the previous bundle is back at ``out`` if anything fails between."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _lock(path: Path, out: Path) -> int:
+    """An fd holding an exclusive flock on ``path``, with this PID written in it; InputError
+    naming the holder's PID if another export has it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            who = f"process {holder}" if holder else "another process"
+            raise InputError(f"another export to '{out}' is running ({who} holds {path.name}); "
+                             "wait for it to finish or choose another --out") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:  # the holder before us removed it as we opened it
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)  # we locked a file that is no longer at ``path``: take the new one
+
+
+def _read_pid(fd: int) -> int | None:
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None
+
+
+def _unlock(path: Path, fd: int) -> None:
+    try:
+        os.unlink(path)  # while still locked: see the module docstring
+    except OSError:
+        pass
+    os.close(fd)
+
+
+def _clear_stale(out: Path, echo: Callable[[str], None]) -> None:
+    """Remove the staging and swap folders of exports to ``out`` whose process is dead.
+
+    Called with the lock held, so a folder with this process's own PID is stale too (an
+    earlier export in this process whose cleanup failed). A dead export caught between its
+    two renames left the previous bundle at ``.NAME.old-PID`` and nothing at ``out``: that
+    bundle is put back rather than removed."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(partial|old)-(\d+)")
+    stale = []
+    for p in sorted(out.parent.iterdir()):
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and _dead(int(m.group(2))):
+            stale.append((m.group(1), p))
+    for kind, p in stale:
+        if kind == "old" and not out.exists() and (p / MANIFEST).is_file():
+            p.rename(out)
+            echo(f"restored the previous bundle to {out} from {p.name}, left by an export that was killed")
+    for kind, p in stale:
+        if p.exists():
+            shutil.rmtree(p, ignore_errors=True)
+            echo(f"removed {p.name}, the {'staging' if kind == 'partial' else 'swap'} folder of an "
+                 f"export to {out} that was killed (process {p.name.rsplit('-', 1)[1]} is gone)")
+
+
+def _dead(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # we hold the lock: no export of ours is using it
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # e.g. PermissionError: alive, someone else's
+        return False
+    return False
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises ExportTerminated while the block runs (main thread only: Python allows
+    handlers nowhere else); later SIGTERMs during the cleanup are ignored; the previous
+    handler is restored after. A SIGTERM the process ignores stays ignored."""
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    if previous is None or previous is signal.SIG_IGN:
+        yield
+        return
+    fired = False
+
+    def handler(signum, frame):
+        nonlocal fired
+        if not fired:
+            fired = True
+            raise ExportTerminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _remove_created(created: list[Path]) -> None:
+    for p in created:  # folders this export made, innermost first
+        try:
+            p.rmdir()
+        except OSError:
+            break
