@@ -22,7 +22,8 @@ What it measures and how:
   onnxruntime-genai: a Generator (greedy, max_length = min_length = prompt + n); TTFT =
   ``append_tokens`` + the first ``generate_next_token`` (creating the Generator, which allocates
   its cache, is timed apart and printed), ms/token = the other n - 1 calls / (n - 1).
-  bundle: ``open_bundle(dir, threads=T)``; TTFT = ``decoder.embed(ids)`` + ``BatchResult.ttft_s``
+  bundle: ``open_bundle(dir, threads=T, spin=True)`` (the shared spinning pool, ``--spin``: this
+  is a quiet-machine benchmark, and onnxruntime-genai's pools spin too); TTFT = ``decoder.embed(ids)`` + ``BatchResult.ttft_s``
   (prefill and the first token) of ``BatchGenerator.generate``; ms/token = ``ms_per_step``.
 * A short context in a large cache gear: a second bundle with the same options and two cache
   gears, the largest one and one below the shortest prompt (half its length), so that prompt is
@@ -32,7 +33,7 @@ What it measures and how:
   ``cache`` dim in its gear list, which the runtime's gear selection needs.
 * Each system runs in its own process (its own thread pool, so nothing spins against the system
   being timed; the others wait on a pipe), with the same thread count (``--threads``, default:
-  the machine's cores): torch.set_num_threads, open_bundle(threads=), and for onnxruntime-genai
+  the machine's cores): torch.set_num_threads, open_bundle(threads=, spin=True), and for onnxruntime-genai
   ``intra_op_num_threads`` in genai_config.json's decoder session_options.
 * Per context: one warm-up run of each system, then ``--repeats`` interleaved rounds
   (A B C A B C ...); the figures are medians. The 1-minute load average is printed before and
@@ -66,7 +67,7 @@ class BundleSystem:
         import vlm2om
         from vlm2om.runtime.batch import BatchGenerator
 
-        self.pipe = vlm2om.open_bundle(folder, threads=threads)
+        self.pipe = vlm2om.open_bundle(folder, threads=threads, spin=True)
         self.gen = BatchGenerator(self.pipe)
 
     def run(self, ids: list[int], n: int) -> dict:

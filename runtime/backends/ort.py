@@ -24,16 +24,18 @@ def prepack_fits(bundle) -> bool:
 _POOL: dict[str, int] = {}  # how this process's sessions get threads, fixed by its first session
 
 
-def session_options(threads: int = 0, spin: bool = True):
+def session_options(threads: int = 0, spin: bool = False):
     """onnxruntime SessionOptions with this process's thread policy, which its first session fixes
     (onnxruntime refuses to mix the two once a shared pool exists):
 
-    * ``spin`` (the default): one intra-op pool of ``threads`` threads (0: all cores) that every
-      session shares and whose threads spin between ops. That is what makes a decode step fast
-      (about 15% at 134M parameters on 2 cores); pools of their own would each spin and steal the
-      cores from the next group's session (a step then costs several times more).
-    * otherwise each session has a pool of its own whose threads sleep between ops: steadier when
-      other work competes for the cores.
+    * ``spin``: one intra-op pool of ``threads`` threads (0: all cores) that every session shares
+      and whose threads spin between ops. On a quiet machine a decode step is about 15% faster
+      (134M parameters, 2 cores); pools of their own would each spin and steal the cores from the
+      next group's session (a step then costs several times more). But when other processes
+      compete for the cores, spinning threads burn the time slices the working one needs: at a
+      load average of 3.5 on 2 cores a step took 53-92 ms spinning against 35-66 ms without.
+    * otherwise (the default) each session has a pool of its own whose threads sleep between ops:
+      steady under load.
     """
     import onnxruntime as ort
 
@@ -57,7 +59,7 @@ def session_options(threads: int = 0, spin: bool = True):
 
 class OrtSession:
     def __init__(self, bundle, graph_name: str, threads: int = 0,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",), spin: bool = True):
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",), spin: bool = False):
         """``threads``, ``spin``: see ``session_options``."""
         import onnxruntime as ort
 
