@@ -122,7 +122,7 @@ def write_bundle(plan: ExportPlan, out: Path, echo: Callable[[str], None] = prin
     apply_batch_gears(plan, extras.batch_gears)
     t0, n = time.perf_counter(), len(plan.subgraphs)
     graphs: dict[str, dict] = {}
-    with staging_dir(Path(out)) as tmp:
+    with staging_dir(Path(out), echo) as tmp:
         golden = GoldenWriter(tmp) if extras.golden else None
         trace = EndToEndTrace(plan, echo) if extras.golden else None
         for i, sg in enumerate(plan.subgraphs, 1):

@@ -4,7 +4,8 @@ An export writes into a hidden ``.NAME.partial-PID`` folder beside ``--out`` and
 only when everything passed, so the bundle that was there before survives any failure.
 Three things make that hold outside the happy path:
 
-- SIGTERM unwinds like SIGINT (Ctrl-C), so the staging folder is removed on the way out.
+- SIGTERM unwinds like SIGINT (Ctrl-C), so the staging folder is removed on the way out;
+  one that arrives during the final swap waits the microseconds until the new bundle is whole.
 - SIGKILL (an out-of-memory kill is one) cannot be caught: its staging folder stays until the
   next export to the same ``--out`` finds that the PID in the name is dead and removes it.
 - An exclusive ``flock`` on ``.NAME.lock`` beside ``--out``: a second export to the same folder
@@ -25,6 +26,7 @@ import shutil
 import signal
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -57,32 +59,38 @@ def staging_dir(out: Path, echo: Callable[[str], None] = print) -> Iterator[Path
     except BaseException:
         _remove_created(created)
         raise
-    done = False
+    done, term, had_bundle = False, _Sigterm(), out.is_dir()
     try:
-        with _sigterm_raises():
+        with _sigterm_raises(term):
             _clear_stale(out, echo)
             if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
                 raise InputError(f"output '{out}' is a non-empty folder that is not a bundle; "
                                  "refusing to replace it")
+            had_bundle = out.is_dir()
             tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
             try:
-                tmp.mkdir()
-            except OSError as e:
-                raise InputError(f"cannot write the bundle to '{out}': {e.strerror or e}") from None
-            try:
+                try:
+                    tmp.mkdir()
+                except OSError as e:
+                    raise InputError(f"cannot write the bundle to '{out}': {e.strerror or e}") from None
                 yield tmp
+                term.hold = True  # committed: a SIGTERM from here on waits for the swap
                 _swap(tmp, out)
             except BaseException:
+                term.fired = True  # a SIGTERM now must not cut the cleanup short
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
         done = True
     except ExportTerminated:
+        kept = "the bundle there before is unchanged" if had_bundle else "nothing was written"
         raise Vlm2omError(f"export to '{out}' stopped by SIGTERM; its staging folder was removed "
-                          "and the bundle there before is unchanged") from None
+                          f"and {kept}") from None
     finally:
         _unlock(lock_path, fd)
         if not done:
             _remove_created(created)
+        if term.pending:  # arrived during the swap: the new bundle is whole, now terminate
+            signal.raise_signal(signal.SIGTERM)
 
 
 def _swap(tmp: Path, out: Path) -> None:
@@ -155,12 +163,14 @@ def _clear_stale(out: Path, echo: Callable[[str], None]) -> None:
     for kind, p in stale:
         if kind == "old" and not out.exists() and (p / MANIFEST).is_file():
             p.rename(out)
-            echo(f"restored the previous bundle to {out} from {p.name}, left by an export that was killed")
+            echo(f"restored the previous bundle to {out} from {p.name}, left by an export that did not finish")
     for kind, p in stale:
         if p.exists():
             shutil.rmtree(p, ignore_errors=True)
+            pid = int(p.name.rsplit("-", 1)[1])
+            whose = "an earlier export in this process" if pid == os.getpid() else f"process {pid} is gone"
             echo(f"removed {p.name}, the {'staging' if kind == 'partial' else 'swap'} folder of an "
-                 f"export to {out} that was killed (process {p.name.rsplit('-', 1)[1]} is gone)")
+                 f"export to {out} that did not finish ({whose})")
 
 
 def _dead(pid: int) -> bool:
@@ -172,27 +182,36 @@ def _dead(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except OSError:  # e.g. PermissionError: alive, someone else's
+    except (OSError, OverflowError):  # PermissionError: alive, someone else's; not a PID at all
         return False
     return False
 
 
+@dataclass
+class _Sigterm:
+    fired: bool = False  # raised, or cleaning up: later SIGTERMs are ignored
+    hold: bool = False  # set while the swap runs: a SIGTERM then is only recorded ...
+    pending: bool = False  # ... and delivered once the new bundle is in place
+
+
 @contextmanager
-def _sigterm_raises() -> Iterator[None]:
+def _sigterm_raises(term: _Sigterm) -> Iterator[None]:
     """SIGTERM raises ExportTerminated while the block runs (main thread only: Python allows
-    handlers nowhere else); later SIGTERMs during the cleanup are ignored; the previous
-    handler is restored after. A SIGTERM the process ignores stays ignored."""
+    handlers nowhere else); the previous handler is restored after. A SIGTERM the process
+    ignores stays ignored."""
     previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     if previous is None or previous is signal.SIG_IGN:
         yield
         return
-    fired = False
 
     def handler(signum, frame):
-        nonlocal fired
-        if not fired:
-            fired = True
-            raise ExportTerminated()
+        if term.fired:
+            return
+        if term.hold:
+            term.pending = True
+            return
+        term.fired = True
+        raise ExportTerminated()
 
     signal.signal(signal.SIGTERM, handler)
     try:

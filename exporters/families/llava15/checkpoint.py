@@ -39,7 +39,7 @@ llava-hf (``llava-hf/llava-1.5-7b-hf``, ``LlavaForConditionalGeneration``)::
 
 The vocabulary is config.json's (32064 rows in llava-hf: ``<image>`` is 32000, ``<pad>`` 32001);
 the runtime splices image embeddings and never feeds the image token. Key names and shapes:
-shared/reference/model-architectures.md section 3.
+the architecture reference (model-architectures.md), section 3.
 """
 from __future__ import annotations
 

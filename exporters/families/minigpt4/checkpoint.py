@@ -19,7 +19,7 @@ Checkpoint directory layout::
                                        pytorch_model[-0000k-of-0000n].bin
                                        (+ pytorch_model.bin.index.json)
 
-Key names and shapes: shared/reference/model-architectures.md section 1.
+Key names and shapes: the architecture reference (model-architectures.md), section 1.
 """
 from __future__ import annotations
 
