@@ -21,8 +21,10 @@ from .tokenizer import SentencePieceTokenizer
 
 
 class VisionChatPipeline:
-    def __init__(self, bundle, backend: str = "ort", **backend_options):
-        self.bundle = bundle
+    def __init__(self, bundle, backend: str = "ort", exif_transpose: bool = True, **backend_options):
+        """``exif_transpose``: turn photos upright by their EXIF orientation (False: as the original
+        loaders do, which ignore it; verification against them uses False)."""
+        self.bundle, self.exif_transpose = bundle, exif_transpose
         m = bundle.manifest
         pipe = m["pipeline"]
         self.image_graphs = list(pipe.get("image_graphs", []))
@@ -54,7 +56,8 @@ class VisionChatPipeline:
         pipe = self.bundle.pipeline
         if not self.image_graphs:
             raise BundleError(f"bundle '{self.bundle.root}' has no image graphs: ask without an image")
-        tensors = {pipe["image_input"]: preprocess(image, self.bundle.manifest["preprocess"]["steps"])}
+        steps = self.bundle.manifest["preprocess"]["steps"]
+        tensors = {pipe["image_input"]: preprocess(image, steps, exif_transpose=self.exif_transpose)}
         for name in self.image_graphs:
             sess = self.sessions[name]
             tensors.update(sess.run({s.name: tensors[s.name].astype(s.dtype) for s in sess.inputs}))

@@ -85,7 +85,8 @@ def open_bundle(path: Path, no_hash_check: bool):
     return Bundle.open(path, verify_hashes=not no_hash_check)
 
 
-def open_pipeline(bundle, backend: str, device_id: int, threads: int, low_memory: bool = False, spin: bool = False):
+def open_pipeline(bundle, backend: str, device_id: int, threads: int, low_memory: bool = False, spin: bool = False,
+                  exif_transpose: bool = True):
     """The pipeline of an open bundle's task on the chosen backend -> (pipeline, backend it runs on)."""
     from vlm2om.runtime.backends import resolve_backend
     from vlm2om.runtime.backends.om import has_om
@@ -95,4 +96,5 @@ def open_pipeline(bundle, backend: str, device_id: int, threads: int, low_memory
     if backend == "auto" and chosen == "ort" and has_om(bundle):
         click.echo("note: the bundle has OM files but ais_bench does not import here; running on onnxruntime",
                    err=True)
-    return pipeline_of(bundle, chosen, threads=threads, device_id=device_id, low_memory=low_memory, spin=spin), chosen
+    return pipeline_of(bundle, chosen, exif_transpose=exif_transpose, threads=threads, device_id=device_id,
+                       low_memory=low_memory, spin=spin), chosen

@@ -76,14 +76,18 @@ serving_options = stack(  # BUNDLE and where it runs
     click.option("--low-memory", is_flag=True,
                  help="Load each graph only while it runs: one graph's weights in memory at a time, "
                       "for a bundle larger than this machine's memory (slow: every step reloads)."))
-image_option = click.option("--image", required=True, type=click.Path(path_type=Path), help="Image file.")
+image_option = stack(
+    click.option("--image", required=True, type=click.Path(path_type=Path), help="Image file."),
+    click.option("--exif-transpose/--no-exif-transpose", default=True, show_default=True,
+                 help="Turn a photo upright by its EXIF orientation; --no-exif-transpose reads it as "
+                      "MiniGPT-4's and LLaVA's own loaders do, which ignore the orientation."))
 
 
-def _start(bundle, backend, device_id, threads, spin, no_hash_check, low_memory, decoding: dict):
+def _start(bundle, backend, device_id, threads, spin, no_hash_check, low_memory, exif_transpose, decoding: dict):
     """Open BUNDLE; the decoding options are checked before its graphs load (minutes for a 7B bundle)."""
     b = open_bundle(bundle, no_hash_check)
     cfg = generation_config(GenerationConfig.from_manifest(b.manifest["generation"]), **decoding)
-    pipe, chosen = open_pipeline(b, backend, device_id, threads, low_memory, spin)
+    pipe, chosen = open_pipeline(b, backend, device_id, threads, low_memory, spin, exif_transpose)
     return pipe, chosen, cfg
 
 
@@ -93,9 +97,10 @@ def _start(bundle, backend, device_id, threads, spin, no_hash_check, low_memory,
 @decoding_options
 @serving_options
 @click.option("--stats", is_flag=True, help="Print timings to stderr.")
-def run(bundle, image, prompt, stats, backend, device_id, threads, spin, no_hash_check, low_memory, **decoding):
+def run(bundle, image, exif_transpose, prompt, stats, backend, device_id, threads, spin, no_hash_check, low_memory,
+        **decoding):
     """Answer one PROMPT about one image with BUNDLE, streaming tokens as they come."""
-    pipe, chosen, cfg = _start(bundle, backend, device_id, threads, spin, no_hash_check, low_memory, decoding)
+    pipe, chosen, cfg = _start(bundle, backend, device_id, threads, spin, no_hash_check, low_memory, exif_transpose, decoding)
     chat = pipe.chat(image)
     for piece in chat.ask(prompt, cfg):
         click.echo(piece, nl=False)
@@ -111,9 +116,9 @@ def run(bundle, image, prompt, stats, backend, device_id, threads, spin, no_hash
 @image_option
 @decoding_options
 @serving_options
-def chat(bundle, image, backend, device_id, threads, spin, no_hash_check, low_memory, **decoding):
+def chat(bundle, image, exif_transpose, backend, device_id, threads, spin, no_hash_check, low_memory, **decoding):
     """Multi-turn chat about an image. Type /reset to start over, /quit (or Ctrl-D) to leave."""
-    pipe, _, cfg = _start(bundle, backend, device_id, threads, spin, no_hash_check, low_memory, decoding)
+    pipe, _, cfg = _start(bundle, backend, device_id, threads, spin, no_hash_check, low_memory, exif_transpose, decoding)
     conv = pipe.chat(image)
     interactive = sys.stdin.isatty()
     while True:

@@ -130,7 +130,7 @@ def verify_end_to_end(bundle, source: ReferenceSource, images: list[Path], promp
     limits = e2e_limits(bundle, backend)
     mods = source.recipe.build_modules(source.options)
     ref = make_reference(mods, bundle.manifest)
-    pipe = open_pipeline(bundle, backend, **backend_options)
+    pipe = open_pipeline(bundle, backend, exif_transpose=False, **backend_options)  # as the reference loads
     cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, stop_on_eos=False, stop_strings=())
     results = []
     from PIL import Image

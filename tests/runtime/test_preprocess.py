@@ -6,11 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.helpers.images import llava_expand2square, synthetic_image
+from tests.helpers.images import CLIP_MEAN, CLIP_STD, llava_steps, llava_expand2square, synthetic_image
 from vlm2om.runtime.preprocess import preprocess
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def test_preprocess_matches_torch_reference(tiny_bundle, tiny_modules, sample_image):
@@ -23,14 +21,6 @@ def test_preprocess_matches_torch_reference(tiny_bundle, tiny_modules, sample_im
     ref = get_family("minigpt4").Reference(tiny_modules, manifest).pixels(sample_image).numpy()
     assert ours.shape == (1, 3, 224, 224) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)
-
-
-def llava_steps(size: int, pad: bool) -> list[dict]:
-    fill = [int(x * 255) for x in CLIP_MEAN]
-    return [{"op": "rgb"}, *([{"op": "pad_to_square", "fill": fill}] if pad else []),
-            {"op": "resize_shortest", "size": size, "interpolation": "bicubic"},
-            {"op": "center_crop", "size": [size, size]},
-            {"op": "to_float", "divisor": 255.0}, {"op": "normalize", "mean": CLIP_MEAN, "std": CLIP_STD}]
 
 
 @pytest.mark.parametrize("pad", [True, False], ids=["expand2square", "no-pad"])
