@@ -19,8 +19,6 @@ from .errors import InputError
 from .generation import GenerationConfig
 from .layout import PromptLayout
 
-SequenceResult = Answer  # one sequence of a batch reports what a chat turn's answer reports
-
 
 @dataclass
 class BatchResult:

@@ -56,10 +56,6 @@ class KVCache:
         self.capacity = capacity
 
     @property
-    def buffers(self) -> list[np.ndarray]:
-        return list(self.arrays.values())
-
-    @property
     def max_capacity(self) -> int:
         return self.gears[-1]
 

@@ -32,7 +32,7 @@ def test_kv_cache_grows_once_and_keeps_contents():
     c.append(dict(zip(c.keys, first)), 3)
     c.reserve(6)
     assert c.capacity == 8 and c.mask[0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
-    np.testing.assert_array_equal(c.buffers[0][..., :3, :], first[0])
+    np.testing.assert_array_equal(c.arrays[("kv", 0)][..., :3, :], first[0])
     c.truncate(1)
     assert c.length == 1 and c.mask[0].sum() == 1
     with pytest.raises(InputError, match="largest cache gear"):
