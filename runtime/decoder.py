@@ -52,6 +52,16 @@ def _roles(bundle, name: str, kind: str, known: tuple[str, ...], group: int = 0)
     return out
 
 
+def _gears(entry: dict, dims: dict[str, tuple[str, int]]) -> list[dict[str, int]]:
+    """The graph's gears with every dim the runtime picks (batch, seq, cache) present: a dim an
+    export fixed (it had one value, so it is not a gear dim) takes its static value from the shape
+    of the input with that role, so a bundle with one cache or seq gear runs like any other."""
+    shapes = {s.get("role"): s["shape"] for s in entry["inputs"]}
+    fixed = {dim: shapes[role][axis] for dim, (role, axis) in dims.items()
+             if role in shapes and isinstance(shapes[role][axis], int)}
+    return [{**fixed, **g} for g in entry.get("gears") or [{}]]
+
+
 class Decoder:
     def __init__(self, bundle, sessions: dict):
         m = bundle.manifest
@@ -65,8 +75,9 @@ class Decoder:
         self.outputs = [_roles(bundle, n, "outputs", OUTPUT_ROLES, g) for g, n in enumerate(self.group_names)]
         self.mask_dtypes = [np.dtype(next((s["dtype"] for s in bundle.graph(n)["inputs"] if s.get("role") == "image_mask"),
                                           "float32")) for n in self.group_names]
-        self.embed_gears = bundle.graph(self.embed_name)["gears"]
-        self.dec_gears = bundle.graph(self.group_names[0])["gears"]
+        self.embed_gears = _gears(bundle.graph(self.embed_name), {"batch": ("token_ids", 0), "seq": ("token_ids", 1)})
+        self.dec_gears = _gears(bundle.graph(self.group_names[0]),
+                                {"batch": ("hidden", 0), "seq": ("hidden", 1), "cache": ("valid_mask", 1)})
         self.attention = pipe.get("attention", "causal")
         if self.attention not in ATTENTION:
             raise BundleError(f"attention kind '{self.attention}' is not known to this runtime; upgrade vlm2om")

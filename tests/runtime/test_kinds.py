@@ -201,3 +201,19 @@ def test_per_layer_kv_layout_gives_the_stacked_tokens(tmp_path, tiny_opts, tiny_
     res = generate_batch(pipe, [sample_image, sample_image], list(QUESTIONS), GREEDY)
     single = generate_batch(open_bundle(tiny_bundle), [sample_image], [QUESTIONS[1]], GREEDY)
     assert res.sequences[0].tokens == reference_turns[0][0] and res.sequences[1].tokens == single.sequences[0].tokens
+
+
+@pytest.mark.parametrize("gears", [{"cache_gears": (256,)}, {"seq_gears": (1,)}], ids=["one-cache-gear", "one-seq-gear"])
+def test_a_bundle_with_one_gear_of_a_dim_runs(tmp_path, tiny_opts, sample_image, reference_turns, gears):
+    """One value in --cache-gears or --seq-gears makes that dim static in the graphs (no gear dim);
+    the runtime takes its value from the graph's shapes and gives the tokens of the geared bundle."""
+    import dataclasses
+
+    from vlm2om.exporters.core.driver import write_bundle
+    from vlm2om.exporters.families import get_family
+
+    plan = get_family("minigpt4").plan(dataclasses.replace(tiny_opts, **gears))
+    out = write_bundle(plan, tmp_path / "one", echo=lambda s: None).root
+    dims = {d for g in (Bundle.open(out).graph("decoder_0")["gears"] or [{}]) for d in g}
+    assert ("cache" if "cache_gears" in gears else "seq") not in dims
+    assert [t for t, _ in _two_turns(open_bundle(out), sample_image)] == [t for t, _ in reference_turns]
