@@ -7,12 +7,14 @@ that the chosen decoding never reads is refused, never ignored.
 """
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
 import click
 
 from vlm2om.exporters.cli.common import backend_options, finite, open_bundle, open_pipeline, stack
+from vlm2om.runtime.errors import Vlm2omError
 from vlm2om.runtime.generation import GenerationConfig
 
 
@@ -121,10 +123,13 @@ def chat(bundle, image, exif_transpose, backend, device_id, threads, spin, no_ha
     pipe, _, cfg = _start(bundle, backend, device_id, threads, spin, no_hash_check, low_memory, exif_transpose, decoding)
     conv = pipe.chat(image)
     interactive = sys.stdin.isatty()
+    # Bytes that are not UTF-8 become U+FFFD instead of ending the chat in a decode error.
+    stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace") \
+        if hasattr(sys.stdin, "buffer") else sys.stdin
     while True:
         if interactive:
             click.echo("you> ", nl=False)
-        line = sys.stdin.readline()
+        line = stdin.readline()
         if not line or line.strip() == "/quit":
             break
         if line.strip() == "/reset":
@@ -134,6 +139,11 @@ def chat(bundle, image, exif_transpose, backend, device_id, threads, spin, no_ha
         if not line.strip():
             continue
         click.echo("assistant> ", nl=False)
-        for piece in conv.ask(line.strip(), cfg):
-            click.echo(piece, nl=False)
+        try:
+            for piece in conv.ask(line.strip(), cfg):
+                click.echo(piece, nl=False)
+        except Vlm2omError as e:  # a turn that fails leaves the conversation as it was before it
+            click.echo()
+            click.echo(f"Error: {e} (the conversation goes on; /reset starts over)", err=True)
+            continue
         click.echo()
