@@ -35,6 +35,8 @@ class Bundle:
     def open(cls, path, verify_hashes: bool = True) -> "Bundle":
         root = Path(path)
         mpath = root / MANIFEST
+        if root.exists() and not root.is_dir():
+            raise BundleError(f"'{root}' is a file, not a bundle folder (give the folder that holds {MANIFEST})")
         if not root.is_dir():
             raise BundleError(f"bundle directory '{root}' does not exist")
         if not mpath.is_file():

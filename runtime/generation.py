@@ -35,6 +35,12 @@ class GenerationConfig:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if not np.isfinite(value) or abs(value) < np.finfo(np.float64).tiny:  # nan, inf, denormal
+                raise InputError(f"{name} must be a finite, normal number, got {value}")
+        if self.seed is not None and self.seed < 0:
+            raise InputError(f"seed must be >= 0, got {self.seed}")
 
     @classmethod
     def from_manifest(cls, entry: dict, **overrides) -> "GenerationConfig":
@@ -68,7 +74,10 @@ class Sampler:
         if not cfg.do_sample:
             token = int(np.argmax(scores))
         else:
-            token = self._sample(scores / cfg.temperature)
+            scaled = scores / cfg.temperature
+            if np.isposinf(scaled).any():  # a tiny temperature: the same distribution, shifted first
+                scaled = (scores - scores.max()) / cfg.temperature
+            token = self._sample(scaled)
         self.generated.append(token)
         return token
 

@@ -29,9 +29,13 @@ def int_list(ctx, param, value):
     if value is None:
         return None
     try:
-        return tuple(int(v) for v in value.split(",") if v.strip())
+        values = tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got '{value}'") from None
+    if not values:  # an empty list would silently mean "the default"
+        raise click.BadParameter(f"expected comma-separated integers, got '{value}'; leave the option out "
+                                 "for the default")
+    return values
 
 
 def finite(ctx, param, value):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from vlm2om.runtime.errors import InputError
 from vlm2om.runtime.generation import GenerationConfig, Sampler, StopText
 
 
@@ -67,3 +68,20 @@ def test_detokenizer_matches_sentencepiece(tiny_bundle):
                 list(rng.integers(3, tok.vocab_size, 60))]:
         stream = tok.stream()
         assert "".join(stream.push(int(i)) for i in ids) == tok.decode([int(i) for i in ids])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"temperature": float("nan")}, "temperature must be a finite"), ({"temperature": 1e-320}, "normal number"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty must be a finite"),
+    ({"top_p": 5e-324}, "top_p must be a finite"), ({"seed": -1}, "seed must be >= 0")])
+def test_generation_config_refuses_values_that_break_sampling(change, message):
+    with pytest.raises(InputError, match=message):
+        GenerationConfig(do_sample=True, **change)
+
+
+def test_a_tiny_temperature_samples_the_argmax_without_nan():
+    """1/temperature overflows to inf for 1e-300: the sampler shifts the scores first (the same
+    distribution), so it picks the argmax instead of failing on NaN probabilities."""
+    logits = np.array([1.0, 3.0, 2.5, -4.0], np.float32)
+    s = Sampler(GenerationConfig(do_sample=True, temperature=1e-300, seed=0), eos_ids=(0,))
+    assert [s(logits) for _ in range(5)] == [1] * 5

@@ -28,3 +28,13 @@ def test_bytes_that_are_not_utf8_do_not_end_the_chat(tiny_bundle, sample_image):
     r = _chat(tiny_bundle, sample_image, b"\xff\xfe what is it?\nAnd then?\n/quit\n")
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout.decode().count("assistant> ") == 2 and b"Traceback" not in r.stderr
+
+
+def test_a_bundle_path_that_is_a_file_and_an_empty_gear_list_are_named(tmp_path, tiny_bundle, sample_image):
+    from tests.helpers import run_cli
+
+    r = run_cli("run", tiny_bundle / "manifest.json", "--image", sample_image, "--prompt", "Hi")
+    assert r.returncode == 1 and "is a file, not a bundle folder" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("export", "minigpt4", "--out", tmp_path / "b", "--cache-gears", "")
+    assert r.returncode == 2 and "--cache-gears" in r.stderr and "leave the option out" in r.stderr
+    assert not (tmp_path / "b").exists()
