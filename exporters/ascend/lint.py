@@ -265,14 +265,36 @@ def lint_path(path: Path, cann: str = DEFAULT_CANN) -> list[Finding]:
     if path.is_dir():
         from vlm2om.runtime.bundle import MANIFEST
 
-        try:  # the graphs only: a missing OM file or tokenizer is not the lint's business
-            graphs = json.loads((path / MANIFEST).read_text())["graphs"]
-        except (OSError, ValueError, KeyError) as e:
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+            graphs = manifest["graphs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise InputError(f"'{path}' is not a readable bundle ({MANIFEST}: {e})") from None
-        return lint_bundle_files(path, graphs, cann)
+        return _check_hashes(path, manifest) + lint_bundle_files(path, graphs, cann)
     if path.suffix != ".onnx" or not path.is_file():
         raise InputError(f"'{path}' is neither a bundle folder nor an .onnx file")
     return lint_graph(path, path.stem, None, cann)
+
+
+def _check_hashes(path: Path, manifest: dict) -> list[Finding]:
+    """Every ONNX and external-data file the manifest lists has its recorded size and sha256
+    (ATC would compile an altered graph without a word)."""
+    from vlm2om.runtime.bundle import sha256_file
+
+    graph_files = {f for g in manifest["graphs"].values() for f in [g.get("file"), *g.get("external_data", [])] if f}
+    out = []
+    for name, meta in (manifest.get("files") or {}).items():
+        if name not in graph_files:
+            continue  # OM files, the tokenizer...: the runtime checks them when the bundle opens
+        p = path / name
+        if not p.is_file():
+            continue  # lint_graph reports a missing graph file
+        if p.stat().st_size != meta.get("bytes") or sha256_file(p) != meta.get("sha256"):
+            out.append(Finding("error", next((g for g, e in manifest["graphs"].items()
+                                              if name in (e.get("file"), *e.get("external_data", []))), "?"),
+                               "hash", name, "sha256 differs",
+                               "the file is not the one the export wrote and verified: re-export the bundle"))
+    return out
 
 
 def errors(findings: list[Finding]) -> list[Finding]:

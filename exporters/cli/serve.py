@@ -85,8 +85,13 @@ image_option = stack(
                       "MiniGPT-4's and LLaVA's own loaders do, which ignore the orientation."))
 
 
-def _start(bundle, backend, device_id, threads, spin, no_hash_check, low_memory, exif_transpose, decoding: dict):
-    """Open BUNDLE; the decoding options are checked before its graphs load (minutes for a 7B bundle)."""
+def _start(bundle, image, backend, device_id, threads, spin, no_hash_check, low_memory, exif_transpose,
+           decoding: dict):
+    """Open BUNDLE; the image (from its header) is checked before the bundle's files are hashed, and
+    the decoding options before its graphs load (minutes for a 7B bundle)."""
+    from vlm2om.runtime.preprocess import check_image
+
+    check_image(image)
     b = open_bundle(bundle, no_hash_check)
     cfg = generation_config(GenerationConfig.from_manifest(b.manifest["generation"]), **decoding)
     pipe, chosen = open_pipeline(b, backend, device_id, threads, low_memory, spin, exif_transpose)
@@ -102,7 +107,8 @@ def _start(bundle, backend, device_id, threads, spin, no_hash_check, low_memory,
 def run(bundle, image, exif_transpose, prompt, stats, backend, device_id, threads, spin, no_hash_check, low_memory,
         **decoding):
     """Answer one PROMPT about one image with BUNDLE, streaming tokens as they come."""
-    pipe, chosen, cfg = _start(bundle, backend, device_id, threads, spin, no_hash_check, low_memory, exif_transpose, decoding)
+    pipe, chosen, cfg = _start(bundle, image, backend, device_id, threads, spin, no_hash_check, low_memory, exif_transpose,
+                               decoding)
     chat = pipe.chat(image)
     for piece in chat.ask(prompt, cfg):
         click.echo(piece, nl=False)
@@ -120,7 +126,8 @@ def run(bundle, image, exif_transpose, prompt, stats, backend, device_id, thread
 @serving_options
 def chat(bundle, image, exif_transpose, backend, device_id, threads, spin, no_hash_check, low_memory, **decoding):
     """Multi-turn chat about an image. Type /reset to start over, /quit (or Ctrl-D) to leave."""
-    pipe, _, cfg = _start(bundle, backend, device_id, threads, spin, no_hash_check, low_memory, exif_transpose, decoding)
+    pipe, _, cfg = _start(bundle, image, backend, device_id, threads, spin, no_hash_check, low_memory, exif_transpose,
+                               decoding)
     conv = pipe.chat(image)
     interactive = sys.stdin.isatty()
     # Bytes that are not UTF-8 become U+FFFD instead of ending the chat in a decode error.
