@@ -78,6 +78,8 @@ class Decoder:
         self.embed_gears = _gears(bundle.graph(self.embed_name), {"batch": ("token_ids", 0), "seq": ("token_ids", 1)})
         self.dec_gears = _gears(bundle.graph(self.group_names[0]),
                                 {"batch": ("hidden", 0), "seq": ("hidden", 1), "cache": ("valid_mask", 1)})
+        if 1 not in dim_values(self.dec_gears, "seq"):  # checked once here, not in every decode step
+            raise BundleError(f"graph '{self.group_names[0]}' has no seq gear of 1, which decoding needs")
         self.attention = pipe.get("attention", "causal")
         if self.attention not in ATTENTION:
             raise BundleError(f"attention kind '{self.attention}' is not known to this runtime; upgrade vlm2om")
@@ -190,8 +192,6 @@ class Decoder:
         pos[:len(positions), 0] = positions
         valid = np.zeros((cache.batch, 1), np.float32)
         valid[:len(tokens), 0] = [t is not None for t in tokens]
-        if self.gear(cache, 1)["seq"] != 1:
-            raise BundleError(f"graph '{self.group_names[0]}' has no seq gear of 1, which decoding needs")
         logits, presents = self._run(hidden, pos, cache, np.zeros(cache.batch, np.int64),
                                      np.zeros((cache.batch, 1), np.float32), cache.prefix)
         cache.reserve(cache.length + 1)  # the new slot, after the step read the cache as it was
