@@ -109,23 +109,29 @@ class LlamaAttention(nn.Module):
         b, s, c = dims
         h, g, d = cfg.heads, cfg.kv_heads, cfg.head_dim
         cos, sin, rot = rope
-        q = self.q_proj(x).reshape(b, s, h, d).transpose(1, 2)
-        k = self.k_proj(x).reshape(b, s, g, d).transpose(1, 2)
-        v = self.v_proj(x).reshape(b, s, g, d).transpose(1, 2)
-        q = q * cos + torch.matmul(q, rot) * sin
-        k = k * cos + torch.matmul(k, rot) * sin
+        # One projection for q, k and v, with the softmax scale folded into q's rows (the export
+        # stores the packed weight), one reshape and transpose, and RoPE on q and k together.
+        w = torch.cat([self.q_proj.weight * d ** -0.5, self.k_proj.weight, self.v_proj.weight])
+        qkv = F.linear(x, w).reshape(b, s, h + 2 * g, d).transpose(1, 2)  # [B, h+2g, S, D]
+        qk, v = qkv.split([h + g, g], dim=1)
+        qk = qk * cos + torch.matmul(qk, rot) * sin
+        q, k = qk.split([h, g], dim=1)
         # Scores against the cache and against the new keys are computed apart, so the cache is
         # never concatenated (copied) per step; grouped-query heads are folded into the query
-        # rows instead of repeating the cache.
-        rows = (h // g) * s
-        qg = q.reshape(b, g, rows, d)
-        scale = d ** -0.5
-        past = torch.matmul(qg, past_k.transpose(-1, -2)).reshape(b, h, s, c).float() * scale + bias_past
-        new = torch.matmul(qg, k.transpose(-1, -2)).reshape(b, h, s, s).float() * scale + bias_new
-        probs = torch.softmax(torch.cat([past, new], dim=-1), dim=-1).to(v.dtype)
-        p_past, p_new = probs.split([c, s], dim=-1)
-        out = (torch.matmul(p_past.reshape(b, g, rows, c), past_v)
-               + torch.matmul(p_new.reshape(b, g, rows, s), v)).reshape(b, h, s, d)
+        # rows instead of repeating the cache (no reshapes at all without grouping).
+        rows, grouped = (h // g) * s, g != h
+        qg = q.reshape(b, g, rows, d) if grouped else q
+        past = torch.matmul(qg, past_k.transpose(-1, -2))
+        new = torch.matmul(qg, k.transpose(-1, -2))
+        if grouped:
+            past, new = past.reshape(b, h, s, c), new.reshape(b, h, s, s)
+        probs = torch.softmax(torch.cat([past.float() + bias_past, new.float() + bias_new], dim=-1), dim=-1)
+        p_past, p_new = probs.to(v.dtype).split([c, s], dim=-1)
+        if grouped:
+            p_past, p_new = p_past.reshape(b, g, rows, c), p_new.reshape(b, g, rows, s)
+        out = torch.matmul(p_past, past_v) + torch.matmul(p_new, v)
+        if grouped:
+            out = out.reshape(b, h, s, d)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, h * d)), k, v
 
 

@@ -6,19 +6,24 @@ that matter for speed are therefore done here, on *thunks* (zero-argument functi
 make a tensor), so that each folded tensor is computed only when it is written, one at a
 time:
 
+* ``Concat`` of weights, and ``Mul`` of a weight by a scalar constant -> the result stored (a
+  graph may pack its projections, or fold a constant scale into one, in plain torch);
 * ``Transpose(W)`` feeding only MatMuls -> ``W^T`` stored (how nn.Linear traces);
-* ``Mul(x, w)`` with a 1-D weight feeding only weight MatMuls -> ``w`` folded into their rows
-  (the RMSNorm scale before q/k/v and gate/up);
 * three or more MatMuls that share their input and all multiply by weights -> one MatMul on
   the concatenated weights and a Split (q/k/v: one GEMM instead of three).
+
+The RMSNorm scale is *not* folded into the MatMuls after it: left as Pow, ReduceMean, Add,
+Sqrt, Div, Mul, onnxruntime fuses the whole norm into one SimplifiedLayerNormalization
+kernel (five fewer nodes per norm); without the Mul the pattern no longer matches.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import onnx
 import torch
-from onnx import helper
+from onnx import helper, numpy_helper
 
 Thunk = Callable[[], torch.Tensor]
 # q/k/v fuse; the two-way gate/up fusion measured slower on onnxruntime (its Split copies more).
@@ -27,8 +32,8 @@ MIN_FUSED = 3
 
 def fold_weights(graph: onnx.GraphProto, weights: dict[str, Thunk], shapes: dict[str, tuple]) -> None:
     """Rewrite ``graph`` and ``weights`` in place; ``shapes`` tracks each weight's shape."""
+    _fold_weight_ops(graph, weights, shapes)
     _fold_transposes(graph, weights, shapes)
-    _fold_scales(graph, weights, shapes)
     _fuse_shared_input(graph, weights, shapes)
 
 
@@ -55,6 +60,62 @@ def _weight_matmul(node: onnx.NodeProto, weights: dict, shapes: dict) -> bool:
     return node.op_type == "MatMul" and node.input[1] in weights and len(shapes[node.input[1]]) == 2
 
 
+def _scalar(graph: onnx.GraphProto, name: str) -> float | None:
+    """The value of a one-element constant (an initializer or a Constant node's output)."""
+    for t in graph.initializer:
+        if t.name == name and math.prod(t.dims) == 1:
+            return float(numpy_helper.to_array(t).reshape(()))
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            t = next((a.t for a in node.attribute if a.name == "value"), None)
+            return float(numpy_helper.to_array(t).reshape(())) if t is not None and math.prod(t.dims) == 1 else None
+    return None
+
+
+def _fold_weight_ops(graph, weights, shapes) -> None:
+    """Concat of weights and weight x scalar, in graph order (a fold may feed the next)."""
+    dead = []
+    for node in graph.node:
+        if not node.output or _is_output(graph, node.output[0]):
+            continue
+        out = node.output[0]
+        if node.op_type == "Concat" and node.input and all(i in weights for i in node.input):
+            axis = next(a.i for a in node.attribute if a.name == "axis")
+            parts = list(node.input)
+            weights[out] = (lambda ts, ax: lambda: torch.cat([t() for t in ts], dim=ax))([weights[p] for p in parts], axis)
+            ref = list(shapes[parts[0]])
+            ref[axis] = sum(shapes[p][axis] for p in parts)
+            shapes[out] = tuple(ref)
+        elif node.op_type == "Mul" and len(node.input) == 2 and sum(i in weights for i in node.input) == 1:
+            w = next(i for i in node.input if i in weights)
+            value = _scalar(graph, next(i for i in node.input if i != w))
+            if value is None:
+                continue
+            weights[out] = _times(weights[w], value)
+            shapes[out] = shapes[w]
+        else:
+            continue
+        dead.append(node)
+    _drop(graph, dead)
+    _drop_unused_constants(graph)
+
+
+def _drop_unused_constants(graph) -> None:
+    """Constants only a folded node read (onnxruntime would warn about each at load)."""
+    used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+    _drop(graph, [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used])
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def _times(w: Thunk, value: float) -> Thunk:
+    def make() -> torch.Tensor:
+        t = w()
+        return (t.float() * value).to(t.dtype)  # fp32 product, rounded once
+    return make
+
+
 def _fold_transposes(graph, weights, shapes) -> None:
     users, dead = _consumers(graph), []
     for node in graph.node:
@@ -72,35 +133,6 @@ def _fold_transposes(graph, weights, shapes) -> None:
             u.input[1] = name
         dead.append(node)
     _drop(graph, dead)
-
-
-def _fold_scales(graph, weights, shapes) -> None:
-    users, dead = _consumers(graph), []
-    for node in graph.node:
-        if node.op_type != "Mul":
-            continue
-        scale = next((i for i in node.input if i in weights and len(shapes[i]) == 1), None)
-        if scale is None or _is_output(graph, node.output[0]):
-            continue
-        x = node.input[1] if node.input[0] == scale else node.input[0]
-        after = users.get(node.output[0], [])
-        if not after or not all(_weight_matmul(u, weights, shapes) and u.input[0] == node.output[0]
-                                and shapes[u.input[1]][0] == shapes[scale][0] for u in after):
-            continue
-        for u in after:
-            name = f"{u.input[1]}*{scale}"
-            weights[name] = _scaled(weights[u.input[1]], weights[scale])
-            shapes[name] = shapes[u.input[1]]
-            u.input[0], u.input[1] = x, name
-        dead.append(node)
-    _drop(graph, dead)
-
-
-def _scaled(w: Thunk, s: Thunk) -> Thunk:
-    def make() -> torch.Tensor:
-        t = w()
-        return (t.float() * s().float()[:, None]).to(t.dtype)  # fp32 product, rounded once
-    return make
 
 
 def _fuse_shared_input(graph, weights, shapes) -> None:

@@ -66,10 +66,11 @@ PRESETS = {
                    Gears(seq=(1, 16, 64), cache=(128, 256), layers_per_group=1)),
     # ~134M-parameter decoder (Llama-7B shape at 768 wide, 12 layers) for the decode benchmark, laid
     # out for onnxruntime on a CPU: per-layer KV, a capacity gear every 256 slots up to a 2000-token
-    # prompt and its answer (a step pays for the context it holds), prompt chunks up to 512.
+    # prompt and its answer (a step pays for the context it holds), prompt chunks up to 512, and a
+    # 16-slot gear so that a prompt's first chunk does not attend over 256 empty slots (60 gears).
     "bench": Preset(_TINY_VISION, _TINY_QFORMER,
                     LlamaConfig(vocab_size=32000, hidden=768, layers=12, heads=12, kv_heads=12, ffn=2048),
-                    Gears(seq=(1, 16, 64, 256, 512), cache=tuple(range(256, 2305, 256)), layers_per_group=12,
+                    Gears(seq=(1, 16, 64, 128, 256, 512), cache=(16, *range(256, 2305, 256)), layers_per_group=12,
                           kv_layout="per_layer")),
 }
 # Two decoder layers per file and EVA in two graphs (options.REAL_VISION_GRAPHS): onnxruntime's CPU

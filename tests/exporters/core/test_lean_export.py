@@ -57,7 +57,8 @@ def test_side_file_weights_are_aligned_and_run(tmp_path, tiny_opts, monkeypatch,
 
 
 def test_weight_folds_keep_the_numbers(tiny_opts):
-    """Transposes, RMSNorm scales and q/k/v fusion are folded, and the graph still equals torch."""
+    """Transposes and the packed, pre-scaled q/k/v weight are folded, the RMSNorms stay in the
+    pattern onnxruntime fuses, and the graph still equals torch."""
     sg = [s for s in minigpt4.plan(tiny_opts).subgraphs if s.name == "decoder_1"][0]
     module = sg.build()
     with tempfile.TemporaryDirectory() as d:
@@ -66,10 +67,15 @@ def test_weight_folds_keep_the_numbers(tiny_opts):
         ops = [n.op_type for n in model.graph.node]
         inits = {t.name for t in model.graph.initializer}
         assert not any(n.op_type == "Transpose" and n.input[0] in inits for n in model.graph.node)
-        assert not any(n.op_type == "Mul" and any(i.endswith("layernorm.weight") for i in n.input)
-                       for n in model.graph.node)
-        assert ops.count("Split") >= 2, "q/k/v of each layer are one MatMul + Split"
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert not any(n.op_type in ("Concat", "Mul") and all(i in inits for i in n.input) for n in model.graph.node)
+        layers = len(module.layers)
+        weight_matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+        assert len(weight_matmuls) == 5 * layers + module.is_last, "q/k/v one MatMul, o, gate, up, down"
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(Path(d) / "optimized.onnx")
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        fused = [n.op_type for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node]
+        assert fused.count("SimplifiedLayerNormalization") == 2 * layers + module.is_last
         feeds = sg.make_inputs(sg.gears[-1], torch.Generator().manual_seed(3))
         got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
     with torch.no_grad():
@@ -78,16 +84,18 @@ def test_weight_folds_keep_the_numbers(tiny_opts):
         np.testing.assert_allclose(g, w.numpy(), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["vision", "bridge", "decoder_0"])
-def test_float16_graphs_verify_against_float16_torch(tmp_path, name):
-    """fp16 export: LayerNorms stay fp32, everything else fp16; onnxruntime agrees with torch."""
+@pytest.fixture(scope="module")
+def fp16_bundle(tmp_path_factory):
     opts = minigpt4.ExportOptions(preset="tiny", layers_per_group=1, dtype="float16")
-    plan = minigpt4.plan(opts)
-    plan.subgraphs = [s for s in plan.subgraphs if s.name == name]
-    bundle = write_bundle(plan, tmp_path / "b", echo=lambda s: None)
-    entry = bundle.graph(name)
+    return write_bundle(minigpt4.plan(opts), tmp_path_factory.mktemp("fp16") / "b", echo=lambda s: None)
+
+
+@pytest.mark.parametrize("name", ["vision", "bridge", "decoder_0"])
+def test_float16_graphs_verify_against_float16_torch(fp16_bundle, name):
+    """fp16 export: LayerNorms stay fp32, everything else fp16; onnxruntime agrees with torch."""
+    entry = fp16_bundle.graph(name)
     assert {i["dtype"] for i in entry["inputs"] if i["name"] != "attention_mask"} <= {"float16", "int64"}
     assert all(r["cosine"] >= 0.999 for r in entry["verification"])
-    model = onnx.load(str(tmp_path / "b" / f"{name}.onnx"))
+    model = onnx.load(str(fp16_bundle.root / f"{name}.onnx"))
     dtypes = {t.data_type for t in model.graph.initializer if len(t.dims) >= 2}
     assert dtypes == {onnx.TensorProto.FLOAT16}, "matrices are stored in fp16"
