@@ -32,6 +32,19 @@ class GenerationResult(Answer):
         return 1000 * self.decode_s / steps if steps > 0 else float("nan")
 
 
+def check_fits(layout: PromptLayout, capacity: int, images_known: bool = True) -> None:
+    """An InputError naming the prompt's length and the largest cache gear when it does not fit.
+    ``images_known`` False: the layout counts no image rows (an encoder whose count varies), so
+    the length is a lower bound."""
+    if layout.length <= capacity:
+        return
+    text = layout.length - layout.image_positions
+    size = (f"{layout.length} tokens ({text} text + {layout.image_positions} image)" if images_known else
+            f"at least {text} tokens (its text alone)")
+    raise InputError(f"the prompt is {size} but the bundle's largest cache gear holds {capacity}; "
+                     "shorten the conversation or re-export with larger --cache-gears")
+
+
 class Chat:
     def __init__(self, pipe, image=None):
         self.pipe = pipe
@@ -43,6 +56,12 @@ class Chat:
         self.image_s = 0.0
         if image is not None:
             self.add_image(image)
+        self._start = [list(m) for m in self.conv.messages]
+
+    def reset(self) -> None:
+        """Start over about the same image: its embeddings are kept, and so is the cache, whose
+        prefix the next question reuses where it still matches."""
+        self.conv.messages = [list(m) for m in self._start]
 
     def add_image(self, image) -> None:
         t0 = time.perf_counter()
@@ -57,11 +76,7 @@ class Chat:
         self.conv.ask(text)
         try:
             layout = PromptLayout.of(self.conv, self.pipe.tokenizer, self.images)
-            cap = self.cache.max_capacity
-            if layout.length > cap:
-                raise InputError(f"the prompt is {layout.length} tokens ({layout.length - layout.image_positions} "
-                                 f"text + {layout.image_positions} image) but the bundle's largest cache gear "
-                                 f"holds {cap}; shorten the conversation or re-export with larger --cache-gears")
+            check_fits(layout, self.cache.max_capacity)
             keys, reuse = layout.keys, 0
             if self.pipe.decoder.reuses_prefix:
                 for a, b in zip(keys, self.cached_keys):

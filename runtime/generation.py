@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .errors import InputError
+from .errors import BundleError, InputError
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,16 @@ class GenerationConfig:
 
     @classmethod
     def from_manifest(cls, entry: dict, **overrides) -> "GenerationConfig":
+        """The manifest's ``generation`` entry, then ``overrides`` (None: not given). A bad value in
+        the entry is the bundle's fault and is named as such, not as the user's option."""
         known = {k: v for k, v in entry.items() if k in cls.__dataclass_fields__}
-        known.update({k: v for k, v in overrides.items() if v is not None})
-        if known.get("stop_strings") is not None:
-            known["stop_strings"] = tuple(known["stop_strings"])
-        return cls(**known)
+        try:
+            if known.get("stop_strings") is not None:
+                known["stop_strings"] = tuple(known["stop_strings"])
+            base = cls(**known)
+        except (InputError, TypeError) as e:
+            raise BundleError(f"the manifest's generation entry cannot be used: {e}") from None
+        return base.but(**overrides)
 
     def but(self, **changes) -> "GenerationConfig":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

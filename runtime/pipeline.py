@@ -10,11 +10,12 @@ from __future__ import annotations
 import numpy as np
 
 from .backends import open_session
-from .chat import Chat, GenerationResult
+from .chat import Chat, GenerationResult, check_fits
 from .decoder import Decoder
 from .decoding import Answer
 from .errors import BundleError
 from .generation import GenerationConfig
+from .layout import PromptLayout
 from .preprocess import preprocess
 from .prompts import Conversation
 from .tokenizer import SentencePieceTokenizer
@@ -81,6 +82,20 @@ class VisionChatPipeline:
 PIPELINES = {"chat": VisionChatPipeline}
 
 
+def check_prompt(bundle, question: str, images: int = 1) -> None:
+    """Refuse a question that fits no cache gear, from the manifest and the tokenizer alone (no
+    graph loaded): what a chat's first turn about ``images`` images would find only after every
+    graph has loaded. Where the image's row count is not recorded, its text alone is checked."""
+    m = bundle.manifest
+    conv = Conversation(m["prompt"])
+    for _ in range(images):
+        conv.add_image()
+    conv.ask(question)
+    rows = m["pipeline"].get("image_tokens")
+    layout = PromptLayout(conv.tokenize(SentencePieceTokenizer.from_manifest(bundle)), [rows or 0] * images)
+    check_fits(layout, max(m["kv_cache"]["capacity_gears"]), images_known=rows is not None or not images)
+
+
 def open_pipeline(bundle, backend: str = "ort", **backend_options):
     """The pipeline of the bundle's task."""
     task = bundle.task
@@ -90,4 +105,4 @@ def open_pipeline(bundle, backend: str = "ort", **backend_options):
     return PIPELINES[task](bundle, backend, **backend_options)
 
 
-__all__ = ["Answer", "Chat", "GenerationResult", "PIPELINES", "VisionChatPipeline", "open_pipeline"]
+__all__ = ["Answer", "Chat", "GenerationResult", "PIPELINES", "VisionChatPipeline", "check_prompt", "open_pipeline"]

@@ -71,7 +71,9 @@ def load_image(image, *, exif_transpose: bool = True):
             image = _upright(image, name, copy=False)
         return to_8bit(image, name)
     path = local_path(image)
-    return to_8bit(_decode(path, exif_transpose), f"image '{path}'")
+    img = to_8bit(_decode(path, exif_transpose), f"image '{path}'")
+    img.filename = str(path)  # as Pillow's opened files have it: later messages name the file
+    return img
 
 
 def local_path(image) -> Path:
@@ -174,7 +176,7 @@ def _decode(path: Path, exif_transpose: bool):
         img = _decode_file(path, exif_transpose)
     for message in dict.fromkeys(str(w.message) for w in caught
                                  if not issubclass(w.category, Image.DecompressionBombWarning)):
-        warnings.warn(f"image '{path}': {message}", UserWarning, stacklevel=3)
+        warnings.warn(f"image '{path}': {' '.join(message.split())}", UserWarning, stacklevel=3)
     return img
 
 
@@ -241,6 +243,17 @@ def to_8bit(img, name: str):
     return img
 
 
+def to_rgb(img, name: str):
+    """``img.convert("RGB")`` as the original loaders call it, quietly: a palette image whose
+    transparency Pillow keeps as bytes makes it warn (the transparency is dropped either way)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Palette images with Transparency", UserWarning)
+        try:
+            return img.convert("RGB")
+        except ValueError as e:
+            raise InputError(f"{name} (mode {img.mode}) cannot be made RGB: {_reason(e)}") from None
+
+
 def preprocess(image, steps: list[dict], *, exif_transpose: bool = True) -> np.ndarray:
     """PIL image or path -> float32 [1, 3, H, W] following the manifest's steps."""
     from PIL import Image
@@ -251,10 +264,7 @@ def preprocess(image, steps: list[dict], *, exif_transpose: bool = True) -> np.n
     for i, step in enumerate(steps):
         op = step["op"]
         if op == "rgb":
-            try:
-                img = img.convert("RGB")
-            except ValueError as e:
-                raise InputError(f"{name} (mode {img.mode}) cannot be made RGB: {_reason(e)}") from None
+            img = to_rgb(img, name)
         elif op == "resize":
             w, h = step["size"]
             img = img.resize((w, h), getattr(Image.Resampling, _RESAMPLE[step["interpolation"]]))
@@ -304,7 +314,7 @@ def pad_to_square(img, fill: tuple[int, ...], max_side: int | None = PAD_MAX_SID
     if w == h:
         return img
     if img.mode != "RGB":  # LLaVA loads images as RGB before padding
-        img = img.convert("RGB")
+        img = to_rgb(img, name)
     side = max(w, h)
     if max_side is not None and side > max_side:
         w, h = (max_side, max(1, round(h * max_side / w))) if w > h else (max(1, round(w * max_side / h)), max_side)

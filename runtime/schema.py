@@ -33,28 +33,48 @@ V1_ROLES = {"input_ids": "token_ids", "inputs_embeds": "embeds", "hidden_states"
 
 
 def upgrade(manifest: dict, where: str) -> dict:
-    """The manifest as version 2 (a copy when it was version 1); refuses unknown versions."""
-    version = manifest.get("schema_version")
-    if version not in READABLE:
+    """The manifest as version 2 (a copy when it was version 1); refuses unknown versions.
+
+    The upgrade fills in only what it can read; a damaged version 1 manifest is left for the
+    schema check (``runtime/manifest_check.py``) to name."""
+    if "schema_version" not in manifest:
+        raise BundleError(f"{where}: schema_version is missing, so this is no manifest this runtime can read (it "
+                          f"reads versions {', '.join(map(str, READABLE))}); re-export the bundle with this vlm2om")
+    version = manifest["schema_version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version not in READABLE:
         raise BundleError(f"{where}: schema_version {version!r} is not supported by this runtime (it reads "
                           f"versions {', '.join(map(str, READABLE))}); re-export the bundle with this vlm2om "
                           "or upgrade vlm2om")
     if version == 2:
         return manifest
     m = copy.deepcopy(manifest)
-    pipe, graphs = m.get("pipeline") or {}, m.get("graphs") or {}
+    pipe, graphs = _dict(m.get("pipeline")), _dict(m.get("graphs"))
     m["task"] = "chat"
     pipe.setdefault("attention", "causal")
-    chain = [graphs[n] for n in pipe.get("image_graphs", []) if n in graphs]
+    chain = [graphs[n] for n in _list(pipe.get("image_graphs"))
+             if isinstance(n, str) and isinstance(graphs.get(n), dict)]
     if chain:
-        pipe.setdefault("image_input", chain[0]["inputs"][0]["name"])
-        pipe.setdefault("image_output", chain[-1]["outputs"][0]["name"])
-    for name in [pipe.get("embed_graph"), *pipe.get("decoder_graphs", [])]:
-        for spec in [*graphs.get(name, {}).get("inputs", []), *graphs.get(name, {}).get("outputs", [])]:
-            if spec.get("name") in V1_ROLES:
+        for key, entry, kind in (("image_input", chain[0], "inputs"), ("image_output", chain[-1], "outputs")):
+            first = _list(entry.get(kind))[:1]
+            if first and isinstance(first[0], dict) and "name" in first[0]:
+                pipe.setdefault(key, first[0]["name"])
+    for name in [pipe.get("embed_graph"), *_list(pipe.get("decoder_graphs"))]:
+        entry = _dict(graphs.get(name)) if isinstance(name, str) else {}
+        for spec in [*_list(entry.get("inputs")), *_list(entry.get("outputs"))]:
+            if isinstance(spec, dict) and isinstance(spec.get("name"), str) and spec["name"] in V1_ROLES:
                 spec.setdefault("role", V1_ROLES[spec["name"]])
-    prompt = m.get("prompt") or {}
-    if "kind" not in prompt and prompt.get("style") in V1_PROMPT_STYLES:
+    prompt = _dict(m.get("prompt"))
+    style = prompt.get("style")
+    if "kind" not in prompt and isinstance(style, str) and style in V1_PROMPT_STYLES:
         prompt["kind"] = V1_PROMPT_STYLES[prompt.pop("style")]
     m["schema_version"] = 2
     return m
+
+
+def _dict(value) -> dict:
+    """``value`` when it is a dict, else a throwaway one (the schema check names the key)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value) -> list:
+    return value if isinstance(value, list) else []

@@ -4,7 +4,7 @@ from __future__ import annotations
 import codecs
 from pathlib import Path
 
-from .errors import BundleError
+from .errors import BundleError, InputError
 
 
 class SentencePieceTokenizer:
@@ -30,6 +30,11 @@ class SentencePieceTokenizer:
         return self.sp.GetPieceSize()
 
     def encode(self, text: str, bos: bool) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # SentencePiece would fail on it in an unreadable cast error
+            raise InputError(f"the text is not valid Unicode: it holds {text[e.start:e.end]!r} (bytes that "
+                             "were not UTF-8, read with errors='surrogateescape'?)") from None
         ids = self.sp.EncodeAsIds(text)
         return [self.bos_id, *ids] if bos else ids
 

@@ -17,15 +17,17 @@ import re
 import shutil
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from vlm2om.runtime.bundle import MANIFEST, Bundle, sha256_file
 from vlm2om.runtime.errors import InputError, Vlm2omError
 
 from vlm2om.exporters.ascend import atc
 from vlm2om.exporters.ascend.lint import DEFAULT_CANN, cann_target
+from vlm2om.exporters.core.preflight import os_reason, unwritable_reason
 
 SCRIPT = "compile_om.sh"
 
@@ -139,10 +141,31 @@ def open_for_compile(path) -> Bundle:
                 oms.pop(name, None)
                 changed = True
     if changed:
-        tmp = root / f".{MANIFEST}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, mpath)
+        write_manifest(root, data)
     return Bundle.open(root)
+
+
+def write_manifest(root: Path, data: dict) -> None:
+    """manifest.json replaced atomically; a write that fails leaves the old one and no temp file."""
+    tmp = root / f".{MANIFEST}.tmp-{os.getpid()}"
+    try:
+        with _writing(root / MANIFEST):
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, root / MANIFEST)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """An OSError of the block names ``path`` (a failed write() names no file)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None or Path(e.filename).name.startswith("."):
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
 
 
 class _Manifest:
@@ -163,16 +186,15 @@ class _Manifest:
         self.data.get("files", {}).pop(rel, None)
 
     def save(self) -> None:
-        tmp = self.root / f".{MANIFEST}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.root / MANIFEST)
+        write_manifest(self.root, self.data)
 
 
 def _write_script(man: _Manifest, opts: CompileOptions, plan: dict[str, list[str]]) -> Path:
     graphs = man.data["graphs"]
     path = man.root / SCRIPT
-    path.write_text(atc.compile_script(graphs, keep_dtype=plan, soc=opts.soc, precision=opts.precision))
-    path.chmod(0o755)
+    with _writing(path):
+        path.write_text(atc.compile_script(graphs, keep_dtype=plan, soc=opts.soc, precision=opts.precision))
+        path.chmod(0o755)
     man.record_file(SCRIPT)
     man.atc.update({
         "commands": {n: atc.render(a) for n, a in atc.graph_commands(graphs, precision=opts.precision,
@@ -224,8 +246,36 @@ def _failure(name: str, rc: int, command: str, output: list[str]) -> CompileErro
                         + "  ATC's detailed logs: $HOME/ascend/log, or rerun with ASCEND_SLOG_PRINT_TO_STDOUT=1")
 
 
+def check_writable(root: Path) -> None:
+    """compile writes om/, compile_om.sh and manifest.json into the bundle: refuse at once, before
+    the lint or any ATC run, where it cannot (a read-only mount: root cannot write it either)."""
+    targets = [root, *(p for p in (root / MANIFEST, root / SCRIPT, root / atc.OUT_DIR) if p.exists())]
+    bad = next((p for p in targets if not os.access(p, os.W_OK)), None)
+    if bad is not None:
+        what = "it" if bad == root else f"its {bad.name}"
+        raise CompileError(f"bundle '{root}' is read-only: {what} {unwritable_reason(bad)}, and compile writes "
+                           f"{atc.OUT_DIR}/, {SCRIPT} and {MANIFEST} there; nothing was written. Copy the bundle "
+                           "to a writable folder and compile the copy")
+
+
 def compile_bundle(path, opts: CompileOptions = CompileOptions(), echo: Callable[[str], None] = print) -> CompileResult:
     """Compile every graph of the bundle at ``path`` to OM (see the module docstring)."""
+    root = Path(path)
+    if (root / MANIFEST).is_file():  # else Bundle.open names what is wrong
+        check_writable(root)
+    try:
+        return _compile(root, opts, echo)
+    except OSError as e:
+        path = Path(e.filename).resolve() if e.filename else None
+        if path is not None and root.resolve() in path.parents:
+            doing = f"while writing {path.relative_to(root.resolve())} in bundle '{root}'"
+        else:
+            doing = (f"on '{e.filename}' " if e.filename else "") + f"while compiling bundle '{root}'"
+        raise CompileError(f"{os_reason(e)} {doing}; compile stopped there (run it again once that is "
+                           "fixed: the OM files built so far are reused)") from None
+
+
+def _compile(path: Path, opts: CompileOptions, echo: Callable[[str], None]) -> CompileResult:
     bundle = open_for_compile(path)
     man, result = _Manifest(bundle), CompileResult()
     plan = precision_plan(bundle, opts, echo)
@@ -246,7 +296,8 @@ def compile_bundle(path, opts: CompileOptions = CompileOptions(), echo: Callable
     for i, (name, entry) in enumerate(graphs.items(), 1):
         keep = atc.keep_dtype_file(name) if atc.uses_keep_dtype(opts.precision, plan.get(name)) else None
         if keep:
-            (man.root / keep).write_text("\n".join(plan[name]) + "\n")
+            with _writing(man.root / keep):
+                (man.root / keep).write_text("\n".join(plan[name]) + "\n")
         args = atc.atc_args(name, entry, opts.soc, opts.precision, keep_dtype=keep)
         key = _cache_key(man, entry, args, opts, version, keep)
         if not opts.force and _cached(man, name, key):

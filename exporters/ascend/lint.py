@@ -263,13 +263,16 @@ def lint_path(path: Path, cann: str = DEFAULT_CANN) -> list[Finding]:
     """A bundle folder (its manifest gives the gear plan) or one bare ``.onnx`` file."""
     path = Path(path)
     if path.is_dir():
-        from vlm2om.runtime.bundle import MANIFEST
+        from vlm2om.runtime.bundle import MANIFEST, read_manifest
+        from vlm2om.runtime.manifest_check import check_manifest
+        from vlm2om.runtime.schema import upgrade
 
-        try:
-            manifest = json.loads((path / MANIFEST).read_text())
-            graphs = manifest["graphs"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise InputError(f"'{path}' is not a readable bundle ({MANIFEST}: {e})") from None
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            raise InputError(f"'{path}' is not a bundle: {MANIFEST} is missing")
+        manifest = upgrade(read_manifest(mpath), str(mpath))
+        check_manifest(manifest, str(mpath))  # a damaged manifest is named, not linted
+        graphs = manifest["graphs"]
         return _check_hashes(path, manifest) + lint_bundle_files(path, graphs, cann)
     if path.suffix != ".onnx" or not path.is_file():
         raise InputError(f"'{path}' is neither a bundle folder nor an .onnx file")

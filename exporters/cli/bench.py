@@ -23,14 +23,17 @@ from vlm2om.exporters.cli.common import backend_options, int_list, open_bundle, 
               help="Timed runs per cell (the median is reported) after one warm-up run.")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Image for every prompt (default: a synthetic one).")
+@click.option("--exif-transpose/--no-exif-transpose", default=True, show_default=True,
+              help="Turn --image upright by its EXIF orientation; --no-exif-transpose reads it as MiniGPT-4's "
+                   "and LLaVA's own loaders do, which ignore the orientation.")
 @click.option("--baseline", type=click.Choice(["torch"]),
               help="Also run transformers/PyTorch on the same weights and print vlm2om/torch ratios.")
 @click.option("--reference", "checkpoint", type=click.Path(file_okay=False, path_type=Path),
               help="With --baseline: the checkpoint folder, if not where the bundle was exported from.")
 @backend_options(auto=False)
 @report_folder_option
-def bench(bundle, batches, input_lengths, output_lengths, repeats, image, baseline, checkpoint, backend, device_id,
-          threads, spin, no_hash_check, out_dir):
+def bench(bundle, batches, input_lengths, output_lengths, repeats, image, exif_transpose, baseline, checkpoint,
+          backend, device_id, threads, spin, no_hash_check, out_dir):
     """Performance report of BUNDLE on the seeds' grid: batch sizes x input/output lengths; writes
     {batch}_batch_performance_{model}.csv per batch size and prints the table."""
     from vlm2om.runtime.bench import BenchOptions, run_grid
@@ -40,8 +43,12 @@ def bench(bundle, batches, input_lengths, output_lengths, repeats, image, baseli
         opts.pairs()
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--output-lengths") from None
+    if image is not None:  # from its header, before the bundle's files are hashed
+        from vlm2om.runtime.preprocess import check_image
+
+        check_image(image)
     b = open_bundle(bundle, no_hash_check)
-    pipe, _ = open_pipeline(b, backend, device_id, threads, spin=spin)
+    pipe, _ = open_pipeline(b, backend, device_id, threads, spin=spin, exif_transpose=exif_transpose)
     click.echo(f"benchmarking {bundle} on {backend} (batch gears {pipe.decoder.batch_gears}) ...")
     rows, cases = run_grid(pipe, opts, image, echo=click.echo)
     pipe.close()

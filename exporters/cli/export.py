@@ -4,9 +4,14 @@ The shared CLI names no family's options. A family's own options are the fields 
 ExportOptions adds to RecipeOptions; once MODEL is known they become real options of this
 command (typed, listed by `vlm2om export MODEL --help`), and `--opt NAME=VALUE` sets them too.
 Importing this module imports no torch: the families are listed from the registry's names.
+
+Fail fast: the shared options, the gear lists, ``--out`` and ``--checkpoint`` (and the configs in
+it) are checked before a family is imported (``ExportCommand.preflight``), MODEL's own options
+from its ``options`` module alone, and only then is the recipe (and torch) imported.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from types import ModuleType, UnionType
@@ -15,6 +20,8 @@ from typing import Union, get_args, get_origin, get_type_hints
 import click
 
 from vlm2om.exporters.cli.common import int_list
+from vlm2om.exporters.core import preflight
+from vlm2om.exporters.core.options import check_gear_lists
 from vlm2om.exporters.families import FAMILIES, get_family
 
 CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING, bool: click.BOOL}
@@ -58,16 +65,37 @@ def family_options(options_cls: type) -> dict[str, FamilyOption]:
     from vlm2om.exporters.core.options import RecipeOptions
 
     shared = {f.name for f in fields(RecipeOptions)}
-    hints = get_type_hints(options_cls)
+    try:
+        hints = get_type_hints(options_cls)
+    except NameError:  # a config type imported for type checkers only: read the annotations' text
+        hints = {f.name: f.type for f in fields(options_cls)}
     found = {}
     for f in fields(options_cls):
-        hint = hints[f.name]
-        kinds = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) in (Union, UnionType) else [hint]
-        if f.name in shared or not f.init or len(kinds) != 1 or kinds[0] not in CLICK_TYPES:
+        kind = _scalar(hints[f.name])
+        if f.name in shared or not f.init or kind is None:
             continue
-        found[f.name] = FamilyOption(f.name, kinds[0], None if f.default is MISSING else f.default,
+        found[f.name] = FamilyOption(f.name, kind, None if f.default is MISSING else f.default,
                                      f.metadata.get("help", ""))
     return found
+
+
+def _scalar(hint) -> type | None:
+    """int, float, str or bool from ``X`` or ``X | None`` (a type, or its text); else None."""
+    if isinstance(hint, str):
+        kinds = {part.strip() for part in hint.split("|")} - {"None"}
+        names = {t.__name__: t for t in CLICK_TYPES}
+        return names.get(kinds.pop()) if len(kinds) == 1 else None
+    kinds = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) in (Union, UnionType) else [hint]
+    return kinds[0] if len(kinds) == 1 and kinds[0] in CLICK_TYPES else None
+
+
+def export_options_class(model: str) -> type | None:
+    """MODEL's ExportOptions from its ``options`` module, without the recipe; None where that
+    cannot be imported here (no torch, when the module needs it)."""
+    try:
+        return importlib.import_module(f"{FAMILIES[model].module}.options").ExportOptions
+    except ImportError:
+        return None
 
 
 def own_values(model: str, options: dict[str, FamilyOption], flags: dict, given: tuple[str, ...]) -> dict:
@@ -99,36 +127,48 @@ def _family(model: str) -> ModuleType:
 @dataclass(frozen=True)
 class _Peeked:
     name: str
-    family: ModuleType
     params: list[click.Option]
 
 
 class ExportCommand(click.Command):
-    """Adds MODEL's own options to the shared ones before the real parse, and lists the models
-    (from the registry, without importing torch) in the help."""
+    """Checks the shared options before any family is imported, adds MODEL's own options before the
+    real parse, and lists the models (from the registry, without importing torch) in the help."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        name = self._peek_model(ctx, args)
-        try:
-            family = get_family(name) if name else None
-        except ImportError:  # no torch here: the command body says so
-            family = None
-        if family is not None:
+        name, found = self._peek(ctx, args)
+        if found is not None and not ctx.resilient_parsing and not set(args) & set(ctx.help_option_names):
+            self.preflight(ctx, found)
+        options_cls = export_options_class(name) if name else None
+        if options_cls is not None:
             taken = {p.name for p in self.params}  # a clash with a shared option: --opt only
-            own = [o.click_option() for o in family_options(family.ExportOptions).values()]
-            ctx.meta[_PEEKED] = _Peeked(name, family, [p for p in own if p.name not in taken])
+            own = [o.click_option() for o in family_options(options_cls).values()]
+            ctx.meta[_PEEKED] = _Peeked(name, [p for p in own if p.name not in taken])
         return super().parse_args(ctx, args)
 
-    def _peek_model(self, ctx: click.Context, args: list[str]) -> str | None:
+    def _peek(self, ctx: click.Context, args: list[str]) -> tuple[str | None, dict | None]:
         """MODEL, if a registered family is among the positional arguments (a family option
-        before MODEL makes the parser take the option's name for MODEL)."""
+        before MODEL makes the parser take the option's name for MODEL), and the shared options
+        as given (None where they do not parse)."""
         parser = self.make_parser(ctx)
         parser.ignore_unknown_options = True
         try:
             found, rest, _ = parser.parse_args(args=list(args))
         except click.UsageError:
-            return None
-        return next((a for a in (found.get("model"), *rest) if a in FAMILIES), None)
+            return None, None
+        return next((a for a in (found.get("model"), *rest) if a in FAMILIES), None), found
+
+    def preflight(self, ctx: click.Context, found: dict) -> None:
+        """The shared options' types and callbacks, then what they say together (torch-free)."""
+        given = {}
+        for p in self.params:
+            if isinstance(p, click.Option) and found.get(p.name) is not None:
+                try:
+                    given[p.name] = p.process_value(ctx, found[p.name])
+                except click.BadParameter as e:  # name the option, as click's own parse does
+                    e.ctx, e.param = e.ctx or ctx, e.param or p
+                    raise
+        check_export_args(**{k: given.get(k) for k in ("out", "checkpoint", "preset", "seq_gears", "cache_gears",
+                                                       "batch_gears", "given")})
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
         peeked = ctx.meta.get(_PEEKED)
@@ -150,10 +190,29 @@ class ExportCommand(click.Command):
             formatter.write_dl([(f.name, f.title) for f in FAMILIES.values()])
         formatter.write_paragraph()
         if peeked:
-            formatter.write_text(f"{peeked.name} presets: {', '.join(peeked.family.PRESETS)}.")
+            try:
+                presets = ", ".join(get_family(peeked.name).PRESETS)
+            except ImportError:  # no torch here: the presets are the recipe's
+                presets = "(listed where torch is installed)"
+            formatter.write_text(f"{peeked.name} presets: {presets}.")
         else:
             formatter.write_text("A model's own options: `vlm2om export MODEL --help` lists them, with its "
                                  "presets; give them as --NAME VALUE or as --opt NAME=VALUE.")
+
+
+def check_export_args(out: Path | None, checkpoint: Path | None, preset: str | None, seq_gears, cache_gears,
+                      batch_gears, given: tuple[str, ...] | None) -> None:
+    """Everything the shared options tell without a family or torch (the command's first step)."""
+    if checkpoint is not None and preset is not None:
+        raise click.UsageError("give either --checkpoint or --preset, not both")
+    for item in given or ():
+        if "=" not in item:
+            raise click.UsageError(f"--opt {item}: expected NAME=VALUE")
+    check_gear_lists(seq_gears, cache_gears, batch_gears)
+    if out is not None:
+        preflight.check_out(out)
+    if checkpoint is not None:
+        preflight.check_checkpoint_folder(checkpoint)
 
 
 @click.command(cls=ExportCommand)
@@ -191,20 +250,17 @@ class ExportCommand(click.Command):
 def export(model, out, checkpoint, preset, dtype, seq_gears, cache_gears, layers_per_group, kv_layout, seed,
            no_simplify, keep_going, golden, batch_gears, given, **flags):
     """Export MODEL to a verified bundle of ONNX subgraphs."""
-    family = _family(model)
-    from vlm2om.exporters.core.driver import write_bundle
     from vlm2om.exporters.core.extras import ExportExtras, check_batch_gears
 
+    options_cls = _options_class(model)
+    own = own_values(model, family_options(options_cls), flags, given)
+    opts = options_cls(preset=preset or ("tiny" if checkpoint is None else None), checkpoint=checkpoint, dtype=dtype,
+                       seq_gears=seq_gears, cache_gears=cache_gears, layers_per_group=layers_per_group,
+                       kv_layout=kv_layout, seed=seed, **own)
     extras = ExportExtras(golden=golden, batch_gears=check_batch_gears(batch_gears or ()))
-    if checkpoint is not None and preset is not None:
-        raise click.UsageError("give either --checkpoint or --preset, not both")
-    if checkpoint is not None and not checkpoint.is_dir():
-        raise click.BadParameter(f"'{checkpoint}' is not a folder", param_hint="--checkpoint")
-    own = own_values(model, family_options(family.ExportOptions), flags, given)
-    opts = family.ExportOptions(preset=preset or ("tiny" if checkpoint is None else None),
-                                checkpoint=checkpoint, dtype=dtype, seq_gears=seq_gears,
-                                cache_gears=cache_gears, layers_per_group=layers_per_group, kv_layout=kv_layout,
-                                seed=seed, **own)
+    family = _family(model)  # the recipe, and torch with it
+    from vlm2om.exporters.core.driver import write_bundle
+
     click.echo(f"building {model} subgraphs "
                f"({'checkpoint ' + str(checkpoint) if checkpoint else 'preset ' + opts.preset}) ...")
     plan = family.plan(opts)
@@ -213,4 +269,19 @@ def export(model, out, checkpoint, preset, dtype, seq_gears, cache_gears, layers
         click.echo(f"ignoring {len(ignored)} checkpoint keys the model never uses:")
         for line in ignored:
             click.echo(f"  {line}")
-    write_bundle(plan, out, echo=click.echo, simplify=not no_simplify, keep_going=keep_going, extras=extras)
+    from vlm2om.exporters.core.staging import ExportInterrupted
+
+    try:
+        write_bundle(plan, out, echo=click.echo, simplify=not no_simplify, keep_going=keep_going, extras=extras)
+    except ExportInterrupted as e:
+        raise Interrupted(str(e)) from None
+
+
+class Interrupted(click.ClickException):
+    exit_code = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+
+
+def _options_class(model: str) -> type:
+    if model not in FAMILIES:
+        get_family(model)  # raises, naming the models there are
+    return export_options_class(model) or _family(model).ExportOptions  # the latter says what to install

@@ -13,6 +13,8 @@ import click
 from vlm2om.exporters.cli.common import backend_options, open_bundle, report_folder_option
 from vlm2om.exporters.verify.cases import DEFAULT_FOLLOW_UPS, DEFAULT_PROMPTS
 
+UNLISTED_SHOWN = 10  # unlisted files named in the warning; the rest are counted
+
 
 @click.command()
 @click.option("--golden", is_flag=True,
@@ -26,6 +28,12 @@ from vlm2om.exporters.verify.cases import DEFAULT_FOLLOW_UPS, DEFAULT_PROMPTS
 @click.option("--rel-euclid", type=float, help="Override the manifest's relative-Euclidean-distance ceiling.")
 @click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="End-to-end case image (repeatable; default: two synthetic images).")
+@click.option("--exif-transpose/--no-exif-transpose", default=None,
+              help="With --image: --exif-transpose turns each photo upright by its EXIF orientation, as "
+                   "`vlm2om run` does by default, and gives the bundle and the reference the same upright "
+                   "pixels; --no-exif-transpose, the default here, reads each file as MiniGPT-4's and LLaVA's "
+                   "own loaders do, which ignore the orientation. The golden case's image is stored pixels "
+                   "(no EXIF).")
 @click.option("--prompt", "prompts", multiple=True,
               help="End-to-end case prompt (repeatable); every image is asked every prompt.")
 @click.option("--follow-up", "follow_ups", multiple=True,
@@ -41,13 +49,14 @@ from vlm2om.exporters.verify.cases import DEFAULT_FOLLOW_UPS, DEFAULT_PROMPTS
                    "machine's memory, such as a 7B bundle on onnxruntime's CPU kernels; slow).")
 @backend_options(auto=False)
 @report_folder_option
-def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompts, follow_ups, single_turn, new_tokens,
-           no_e2e, low_memory, backend, device_id, threads, spin, no_hash_check, out_dir):
+def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, exif_transpose, prompts, follow_ups,
+           single_turn, new_tokens, no_e2e, low_memory, backend, device_id, threads, spin, no_hash_check, out_dir):
     """Precision report of BUNDLE: per subgraph max/mean abs error, cosine similarity and relative
     Euclidean distance against the thresholds in its manifest, then end to end the per-step
     next-token logits cosine and greedy agreement: the golden case stored at export (--golden),
     or image x prompt cases and follow-ups against PyTorch (--reference). Writes
-    verify_<model>.csv/.json; exits 1 on a failure."""
+    verify_<model>.csv/.json; exits 1 on a failure. Files in the bundle folder that its manifest
+    does not list are reported (a warning: nothing checks or uses them)."""
     from vlm2om.runtime.tables import format_table, write_csv, write_json
 
     from vlm2om.exporters.verify.golden import thresholds_label, verify_golden, verify_golden_e2e
@@ -56,10 +65,20 @@ def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompt
         raise click.UsageError("give either --golden or --reference, not both")
     if single_turn and follow_ups:
         raise click.UsageError("give either --follow-up or --single-turn, not both")
-    if golden and (images or prompts or follow_ups):
-        raise click.UsageError("--image, --prompt and --follow-up make --reference cases; the golden "
-                               "end-to-end case is the one stored at export")
+    if golden and (images or prompts or follow_ups or exif_transpose):
+        raise click.UsageError("--image, --exif-transpose, --prompt and --follow-up make --reference cases; the "
+                               "golden end-to-end case is the one stored at export")
+    if exif_transpose and not images:
+        raise click.UsageError("--exif-transpose applies to --image files; the synthetic images carry no EXIF "
+                               "orientation")
     b = open_bundle(bundle, no_hash_check)
+    unlisted = b.unlisted_files()
+    if unlisted:
+        shown = ", ".join(unlisted[:UNLISTED_SHOWN]) + (f" and {len(unlisted) - UNLISTED_SHOWN} more"
+                                                       if len(unlisted) > UNLISTED_SHOWN else "")
+        one = len(unlisted) == 1
+        click.echo(f"warning: {bundle} holds {len(unlisted)} file{'' if one else 's'} that its manifest does not "
+                   f"list, so nothing checks or uses {'it' if one else 'them'}: {shown}", err=True)
     if not golden and reference is None:  # the golden file if there is one, unless cases are asked for
         cases_asked = images or prompts or follow_ups or single_turn
         golden = bool((b.manifest.get("verification") or {}).get("golden")) and not cases_asked
@@ -93,7 +112,7 @@ def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompt
         if e2e:
             later = [] if single_turn else list(follow_ups) or list(DEFAULT_FOLLOW_UPS)
             cases = verify_end_to_end(b, src, list(images), list(prompts) or list(DEFAULT_PROMPTS), later,
-                                      new_tokens, backend, **session)
+                                      new_tokens, backend, exif_transpose=bool(exif_transpose), **session)
     heads = ["graph", "output", "gear", "max_abs", "mean_abs", "cosine", "rel_euclid", "result"]
     table = [[r.graph, r.output, r.gear, r.max_abs, r.mean_abs, r.cosine, r.rel_euclid,
               "ok" if r.passed else "FAIL"] for r in rows]
@@ -102,7 +121,7 @@ def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, prompt
     click.echo(f"thresholds ({thresholds_label(b, backend, limits)})")
     write_csv(out_dir / f"verify_{model}.csv", heads, table)
     payload = {"bundle": str(bundle), "backend": backend, "mode": "golden" if golden else "reference",
-               "subgraphs": [r.as_dict() for r in rows]}
+               "unlisted_files": unlisted, "subgraphs": [r.as_dict() for r in rows]}
     if cases:
         _report_cases(cases, out_dir, model, payload)
     bad = sorted({r.graph for r in rows if not r.passed})

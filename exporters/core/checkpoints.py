@@ -1,227 +1,33 @@
-"""Read checkpoint tensors safely and map them onto our modules' parameter names.
+"""Map checkpoint tensors onto our modules' parameter names, and check them.
 
 Why this exists: released VLM checkpoints are pickles (``.pth``/``.bin``) or safetensors,
-single files or Hugging Face shard folders. vlm2om never runs code from a checkpoint
-(``torch.load(weights_only=True)`` only), reads tensors lazily (mmap / ``safe_open``) so
-peak memory follows the subgraph being built, and checks every name and shape against
-the module before any tensor is read, reporting all problems in one error.
+single files or Hugging Face shard folders (``sources.py`` reads them, safely and lazily).
+Every name and shape is checked against the module before any tensor is read, reporting the
+problems in one error that leads with the likely cause (the sizes the options and the
+checkpoint disagree on); every tensor read is checked to be finite, naming its file.
 """
 from __future__ import annotations
 
-import json
-import pickle
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from vlm2om.runtime.errors import Vlm2omError
+from vlm2om.exporters.core.preflight import CheckpointError
+from vlm2om.exporters.core.sources import (HF_WEIGHT_FILES, DictSource, SafetensorsSource, ShardedSource,
+                                           TensorSource, load_pickle, open_hf_folder)
 
-_NO_CODE = "vlm2om never runs code from a checkpoint (torch.load weights_only=True)"
+__all__ = ["CheckpointError", "DictSource", "HF_WEIGHT_FILES", "Ignore", "LoadReport", "MappingTable", "Plan",
+           "SafetensorsSource", "ShardedSource", "SizeCheck", "TensorSource", "assign", "check_plans",
+           "count_indexed", "coverage_plan", "dim", "expected_shapes", "load_pickle", "load_plans", "on_meta",
+           "open_hf_folder", "size_hint"]
 
-
-class CheckpointError(Vlm2omError):
-    """A checkpoint file is missing, unreadable, unsafe, or does not fit the module."""
+SHOWN_PROBLEMS = 8  # a size mismatch breaks hundreds of tensors: the first few and a count say enough
 
 
 def _shape(s: Sequence[int]) -> str:
     return "[" + ", ".join(str(int(d)) for d in s) + "]"
-
-
-def _unpickling_detail(err: Exception) -> str:
-    """The useful line(s) of torch's long 'Weights only load failed' message."""
-    skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    lines = [ln.strip() for ln in str(err).splitlines()]
-    detail = [ln for ln in lines if ln and not ln.startswith(skip)]
-    return " ".join(detail)[:300] or type(err).__name__
-
-
-def load_pickle(path: str | Path) -> object:
-    """``torch.load`` with weights_only and mmap; every failure becomes a CheckpointError.
-
-    mmap keeps tensor data on disk until used; files in the pre-1.6 (non-zip) format
-    cannot be mmapped and are read whole instead.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    with open(path, "rb") as fh:
-        is_zip = fh.read(4) == b"PK\x03\x04"
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path}: refused to load: the pickle needs code to run "
-            f"({_unpickling_detail(err)}); {_NO_CODE}. Convert it to a plain state dict "
-            "of tensors (or safetensors) in a trusted environment.") from None
-    except Exception as err:  # zip/pickle errors come in many types
-        raise CheckpointError(
-            f"{path}: cannot read checkpoint, the file is truncated or corrupt "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
-        ) from None
-
-
-class TensorSource(Protocol):
-    """Name -> tensor, with shapes available before any data is read."""
-
-    name: str
-
-    def keys(self) -> list[str]: ...
-
-    def shape(self, key: str) -> torch.Size: ...
-
-    def get(self, key: str) -> torch.Tensor: ...
-
-
-class DictSource:
-    """A state dict from a pickle: bare, or under ``subkey`` (e.g. LAVIS' ``['model']``)."""
-
-    def __init__(self, path: str | Path, subkey: str | None = None):
-        path = Path(path)
-        obj = load_pickle(path)
-        where = f"{path}" + (f"['{subkey}']" if subkey else "")
-        if subkey is not None:
-            if not isinstance(obj, Mapping) or subkey not in obj:
-                top = list(obj)[:5] if isinstance(obj, Mapping) else type(obj).__name__
-                raise CheckpointError(
-                    f"{path}: no '{subkey}' entry (top level holds {top}); is this the right file?")
-            obj = obj[subkey]
-        if not isinstance(obj, Mapping):
-            raise CheckpointError(f"{where}: expected a state dict, found {type(obj).__name__}")
-        bad = [(k, v) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-        if bad:
-            k, v = bad[0]
-            hint = (f" (it looks like a training checkpoint that keeps its weights under "
-                    f"'{k}'); is this the right file?") if isinstance(v, Mapping) else ""
-            raise CheckpointError(
-                f"{where}: expected a state dict of tensors, but entry '{k}' is a "
-                f"{type(v).__name__}{hint}")
-        self.name = where
-        self._tensors: dict[str, torch.Tensor] = dict(obj)
-
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._tensors
-
-    def shape(self, key: str) -> torch.Size:
-        return self._tensors[key].shape
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
-
-
-def _safe_open(path: Path):
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except Exception as err:
-        raise CheckpointError(
-            f"{path}: cannot read safetensors file, it is truncated or corrupt ({err})") from None
-
-
-class SafetensorsSource:
-    """One ``.safetensors`` file, read lazily through ``safe_open``."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.name = str(self.path)
-        self._fh = _safe_open(self.path)
-
-    def keys(self) -> list[str]:
-        return list(self._fh.keys())
-
-    def shape(self, key: str) -> torch.Size:
-        return torch.Size(self._fh.get_slice(key).get_shape())
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._fh.get_tensor(key)
-
-
-class ShardedSource:
-    """A Hugging Face shard folder: ``*.index.json`` maps each key to its shard file.
-
-    safetensors shards stay open (they are mmapped); ``.bin`` shards are unpickled with
-    mmap and only the most recent one is cached, so memory follows what is read.
-    """
-
-    def __init__(self, index_path: str | Path):
-        self.index = Path(index_path)
-        self.name = str(self.index.parent)
-        try:
-            weight_map = json.loads(self.index.read_text())["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except Exception as err:
-            raise CheckpointError(f"{self.index}: not a valid shard index ({err})") from None
-        self._where: dict[str, str] = dict(weight_map)
-        missing = sorted({s for s in self._where.values() if not (self.index.parent / s).is_file()})
-        if missing:
-            raise CheckpointError(
-                f"{self.index}: shard(s) named in the index are missing: {', '.join(missing)} "
-                f"(looked in {self.index.parent})")
-        self._open: dict[str, object] = {}  # safetensors handles
-        self._names: dict[str, set[str]] = {}  # keys per safetensors shard
-        self._cached: tuple[str, DictSource] | None = None  # the one .bin shard in memory
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def order(self, keys: Iterable[str]) -> list[str]:
-        """Group keys by shard so a .bin shard is unpickled once per pass."""
-        return sorted(keys, key=lambda k: self._where.get(k, ""))
-
-    def _shard(self, key: str):
-        shard = self._where[key]
-        path = self.index.parent / shard
-        if shard.endswith(".safetensors"):
-            if shard not in self._open:
-                self._open[shard] = _safe_open(path)
-                self._names[shard] = set(self._open[shard].keys())
-            fh = self._open[shard]
-            present = key in self._names[shard]
-        else:
-            if self._cached is None or self._cached[0] != shard:
-                self._cached = None  # drop the previous shard before mapping the next
-                self._cached = (shard, DictSource(path))
-            fh = self._cached[1]
-            present = key in fh
-        if not present:
-            raise CheckpointError(f"{self.index}: says '{key}' is in {shard}, but {path} lacks it")
-        return fh
-
-    def shape(self, key: str) -> torch.Size:
-        fh = self._shard(key)
-        if isinstance(fh, DictSource):
-            return fh.shape(key)
-        return torch.Size(fh.get_slice(key).get_shape())
-
-    def get(self, key: str) -> torch.Tensor:
-        fh = self._shard(key)
-        return fh.get(key) if isinstance(fh, DictSource) else fh.get_tensor(key)
-
-
-HF_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
-                   "pytorch_model.bin.index.json", "pytorch_model.bin")
-
-
-def open_hf_folder(folder: str | Path) -> TensorSource:
-    """The weights of a Hugging Face model folder (sharded or single file, safetensors first)."""
-    folder = Path(folder)
-    for name in HF_WEIGHT_FILES:
-        path = folder / name
-        if path.is_file():
-            if name.endswith(".index.json"):
-                return ShardedSource(path)
-            return SafetensorsSource(path) if name.endswith(".safetensors") else DictSource(path)
-    raise CheckpointError(
-        f"{folder}: no weights found (expected one of {', '.join(HF_WEIGHT_FILES)})")
 
 
 @dataclass(frozen=True)
@@ -251,9 +57,22 @@ class LoadReport:
 
     state: dict[str, torch.Tensor]
     ignored: list[tuple[str, str, str]] = field(default_factory=list)  # (source, key, why)
+    read_from: dict[str, tuple[str, str]] = field(default_factory=dict)  # ours -> (file, key)
 
     def ignored_lines(self) -> list[str]:
         return [f"{src}: {key} ({why})" for src, key, why in self.ignored]
+
+    def fit(self, dtype: torch.dtype) -> "LoadReport":
+        """Check that every floating tensor, kept at the checkpoint's dtype to be cast later
+        (``cast_module``), fits ``dtype``'s range; names the file and key of one that does not."""
+        limit = torch.finfo(dtype).max
+        for ours, t in self.state.items():
+            if t.is_floating_point() and torch.finfo(t.dtype).max > limit:
+                peak = max(float(c.abs().max()) for c in t.reshape(-1).split(_CHUNK)) if t.numel() else 0.0
+                if peak > limit:
+                    file, key = self.read_from.get(ours, ("?", ours))
+                    raise _out_of_range(file, key, peak, dtype)
+        return self
 
 
 @dataclass(frozen=True)
@@ -347,17 +166,66 @@ def _in_read_order(source: TensorSource, pairs: Mapping[str, str]) -> list[tuple
     return sorted(pairs.items(), key=lambda item: rank[item[1]])
 
 
-def check_plans(plans: Sequence[Plan], what: str = "weights") -> None:
-    """Raise one CheckpointError listing every problem of every plan (reads no tensor)."""
+@dataclass(frozen=True)
+class SizeCheck:
+    """One size the options fix (``want``) and the checkpoint's shapes tell (``got``; None where
+    they cannot); ``label`` words it, e.g. ``"hidden size {}"`` or ``"{} layers"``."""
+
+    label: str
+    want: int
+    got: int | None
+
+
+def size_hint(what: str, checks: Iterable[SizeCheck], origin: str | None) -> str | None:
+    """'the checkpoint's LLM has hidden size 64 and 2 layers; the options say 32 and 4 (origin)',
+    or None where every size agrees (the problems are something else)."""
+    bad = [c for c in checks if c.got is not None and c.got != c.want]
+    if not bad:
+        return None
+    return (f"the checkpoint's {what} has {_and([c.label.format(c.got) for c in bad])}; the options say "
+            f"{_and([str(c.want) for c in bad])}" + (f" ({origin})" if origin else ""))
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def count_indexed(keys: Iterable[str], pattern: str) -> int | None:
+    """How many distinct N the keys hold for ``pattern`` (a regex whose one group is the index,
+    e.g. the layers of ``model.layers.N.*``); None where no key matches."""
+    found = {m.group(1) for k in keys if (m := re.match(pattern, k))}
+    return len(found) or None
+
+
+def dim(source: TensorSource, key: str, axis: int) -> int | None:
+    """One dim of a checkpoint tensor's shape, None where the key is absent."""
+    try:
+        return int(source.shape(key)[axis]) if key in set(source.keys()) else None
+    except (IndexError, CheckpointError):
+        return None
+
+
+def check_plans(plans: Sequence[Plan], what: str = "weights",
+                hints: Callable[[], Iterable[str | None]] | None = None) -> None:
+    """Raise one CheckpointError for every problem of every plan (reads no tensor): the likely
+    cause first (``hints``: the sizes that disagree, asked for only when there are problems),
+    then the first few problems and a count of the rest."""
     problems = [p for plan in plans for p in plan.problems]
-    if problems:
-        lines = "\n".join(f"  - {p}" for p in problems)
-        raise CheckpointError(f"cannot load {what}: {len(problems)} problem(s):\n{lines}")
+    if not problems:
+        return
+    causes = [h for h in (hints() if hints else ()) if h]
+    shown = problems[:SHOWN_PROBLEMS]
+    lines = [f"  - {p}" for p in shown]
+    if len(problems) > len(shown):
+        lines.append(f"  ... and {len(problems) - len(shown)} more")
+    lead = f"cannot load {what}: " + "".join(f"{c}; " for c in causes)
+    count = f"{len(problems)} problem(s)" + (f", the first {len(shown)}" if len(problems) > len(shown) else "")
+    raise CheckpointError(f"{lead}{count}:\n" + "\n".join(lines))
 
 
 def load_plans(plans: Sequence[Plan], dtype: torch.dtype | None = None,
                what: str = "weights") -> LoadReport:
-    """Raise if any plan has problems; else read exactly the planned tensors.
+    """Raise if any plan has problems; else read exactly the planned tensors, each checked finite.
 
     Floating tensors are cast to ``dtype`` when given; integer buffers keep their type.
     """
@@ -367,11 +235,50 @@ def load_plans(plans: Sequence[Plan], dtype: torch.dtype | None = None,
     for plan in plans:
         for ours, theirs in _in_read_order(plan.source, plan.pairs):
             t = plan.source.get(theirs)
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
+            if t.is_floating_point():
+                check_finite(t, plan.source, theirs)
+                if dtype is not None and t.dtype != dtype:
+                    t = _cast(t, dtype, plan.source, theirs)
             state[ours] = t
+            report.read_from[ours] = (_file_of(plan.source, theirs), theirs)
         report.ignored.extend((plan.source.name, k, why) for k, why in plan.ignored)
     return report
+
+
+_CHUNK = 1 << 24  # elements per finiteness test: a 16 MB mask at most, whatever the tensor
+
+
+def _nonfinite(t: torch.Tensor) -> bool:
+    flat = t.reshape(-1)
+    return any(not bool(torch.isfinite(c).all()) for c in flat.split(_CHUNK))
+
+
+def check_finite(t: torch.Tensor, source: TensorSource, key: str) -> None:
+    """A NaN or inf weight would export and verify as "max_abs=nan" graphs later: name it now."""
+    if not _nonfinite(t):
+        return
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    counts = _and([f"{n} {kind} value{'s' if n != 1 else ''}" for n, kind in ((nan, "NaN"), (inf, "inf")) if n])
+    raise CheckpointError(f"checkpoint '{_file_of(source, key)}': tensor '{key}' has {counts} (of {t.numel()}); "
+                          "the file is damaged or was saved from a diverged run")
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype, source: TensorSource, key: str) -> torch.Tensor:
+    """``t`` in ``dtype``; finite values beyond its range (fp32 -> fp16 above 65504) are named."""
+    out = t.to(dtype)
+    if out.is_floating_point() and _nonfinite(out):
+        raise _out_of_range(_file_of(source, key), key, float(t.abs().max()), dtype)
+    return out
+
+
+def _out_of_range(file: str, key: str, peak: float, dtype: torch.dtype) -> CheckpointError:
+    return CheckpointError(f"checkpoint '{file}': tensor '{key}' has values up to {peak:.4g}, beyond "
+                           f"{str(dtype).removeprefix('torch.')}'s range; export with --dtype float32")
+
+
+def _file_of(source: TensorSource, key: str) -> str:
+    file_of = getattr(source, "file_of", None)
+    return str(file_of(key)) if file_of else source.name
 
 
 def on_meta(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:

@@ -25,7 +25,7 @@ from vlm2om.exporters.verify.golden import GoldenWriter
 from vlm2om.exporters.verify.trace import EndToEndTrace
 from vlm2om.exporters.core.onnx_export import OPSET, export_onnx
 from vlm2om.exporters.core.plan import ExportPlan
-from vlm2om.exporters.core.staging import staging_dir
+from vlm2om.exporters.core.staging import staging_dir, writing
 from vlm2om.exporters.core.subgraph import Subgraph
 from vlm2om.exporters.verify.metrics import judge, raise_on_failures
 
@@ -123,14 +123,16 @@ def write_bundle(plan: ExportPlan, out: Path, echo: Callable[[str], None] = prin
     t0, n = time.perf_counter(), len(plan.subgraphs)
     graphs: dict[str, dict] = {}
     with staging_dir(Path(out), echo) as tmp:
-        golden = GoldenWriter(tmp) if extras.golden else None
+        with writing("golden.npz"):
+            golden = GoldenWriter(tmp) if extras.golden else None
         trace = EndToEndTrace(plan, echo) if extras.golden else None
         for i, sg in enumerate(plan.subgraphs, 1):
             t1 = time.perf_counter()
             echo(f"[{i}/{n}] {sg.name}: loading weights ...")
             module = sg.build()
             echo(f"[{i}/{n}] {sg.name}: exporting to ONNX (opset {OPSET}, {plan.dtype}) ...")
-            files = export_onnx(sg, module, tmp, simplify=simplify)
+            with writing(f"{sg.name}.onnx"):
+                files = export_onnx(sg, module, tmp, simplify=simplify)
             cases = torch_outputs(sg, module)
             if trace:
                 trace.feed(sg.name, module)
@@ -140,24 +142,28 @@ def write_bundle(plan: ExportPlan, out: Path, echo: Callable[[str], None] = prin
             echo("\n".join(r.row() for r in rows))
             raise_on_failures(rows, plan.dtype)
             if golden:
-                golden.add(sg.name, [d.name for d in sg.inputs], [d.name for d in sg.outputs], cases,
-                           sg.dynamic_dims)
+                with writing("golden.npz"):
+                    golden.add(sg.name, [d.name for d in sg.inputs], [d.name for d in sg.outputs], cases,
+                               sg.dynamic_dims)
             graphs[sg.name] = graph_entry(sg, files, rows)
             size = sum(f.stat().st_size for f in files) / 2**20
             echo(f"[{i}/{n}] {sg.name}: {size:.1f} MiB verified in {time.perf_counter() - t1:.1f}s "
                  f"(peak memory so far {peak_rss_gib():.2f} GiB)")
         keep_dtype = _lint(tmp, graphs, echo, keep_going)
         e2e = trace.arrays() if trace else {}
-        if e2e:
-            golden.add_end_to_end(trace.entry(), e2e)
-        elif trace:
-            golden.end_to_end_missing = trace.skipped
-        golden_entry = golden.close() if golden else None
+        with writing("golden.npz"):
+            if e2e:
+                golden.add_end_to_end(trace.entry(), e2e)
+            elif trace:
+                golden.end_to_end_missing = trace.skipped
+            golden_entry = golden.close() if golden else None
         for name, content in plan.assets.items():
-            (tmp / name).write_bytes(content)
+            with writing(name):
+                (tmp / name).write_bytes(content)
         commands = {name: atc.render(args) for name, args in atc.graph_commands(graphs, keep_dtype=keep_dtype).items()}
-        (tmp / "compile_om.sh").write_text(atc.compile_script(graphs, keep_dtype=keep_dtype))
-        (tmp / "compile_om.sh").chmod(0o755)
+        with writing("compile_om.sh"):
+            (tmp / "compile_om.sh").write_text(atc.compile_script(graphs, keep_dtype=keep_dtype))
+            (tmp / "compile_om.sh").chmod(0o755)
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {
@@ -170,7 +176,8 @@ def write_bundle(plan: ExportPlan, out: Path, echo: Callable[[str], None] = prin
             "atc": {"commands": commands, "default_soc": atc.DEFAULT_SOC,
                     "precision_mode": atc.DEFAULT_PRECISION, "keep_dtype": keep_dtype, "om": {}},
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default))
+        with writing(MANIFEST):
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default))
     echo(f"bundle written to {out} in {time.perf_counter() - t0:.1f}s")
     return Bundle.open(out)
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from vlm2om.runtime.errors import InputError
-
 from vlm2om.exporters.ascend.atc import MAX_GEARS
+from vlm2om.exporters.core.options import check_gear_lists, gear_count_error
 from vlm2om.exporters.verify.metrics import E2E_THRESHOLDS, THRESHOLDS
 
 BATCH_DIM = "batch"
@@ -24,12 +23,7 @@ class ExportExtras:
 
 def check_batch_gears(values) -> tuple[int, ...]:
     batches = tuple(sorted(set(int(v) for v in values)))
-    if not batches:
-        return ()
-    if batches[0] < 1:
-        raise InputError(f"--batch-gears must be positive, got {batches}")
-    if batches[0] != 1:
-        raise InputError(f"--batch-gears must include 1 (single conversations run at batch 1), got {batches}")
+    check_gear_lists(None, None, batches)
     return batches
 
 
@@ -47,9 +41,8 @@ def apply_batch_gears(plan, batches: tuple[int, ...]) -> None:
         base = list({tuple(sorted((k, v) for k, v in g.items() if k != BATCH_DIM)): None for g in sg.gears})
         gears = [{**dict(b), BATCH_DIM: n} for b, n in itertools.product(base, batches)]
         if len(gears) > MAX_GEARS:
-            raise InputError(f"graph '{sg.name}': {len(base)} seq/cache gears x {len(batches)} batch gears = "
-                             f"{len(gears)}; ATC allows {MAX_GEARS} per graph: drop some --batch-gears, "
-                             "--seq-gears or --cache-gears")
+            raise gear_count_error([("its seq x cache gears", len(base)), ("--batch-gears", len(batches))],
+                                   f"graph '{sg.name}'")
         sg.gears = gears
     plan.provenance.setdefault("options", {})["batch_gears"] = list(batches)
 

@@ -2,11 +2,14 @@
 bad options are refused before torch is imported)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from vlm2om.runtime.errors import InputError
+
+from vlm2om.exporters.ascend.atc import MAX_GEARS
 
 DTYPES = ("float16", "float32")
 # How a decoder group takes its KV cache (graphs/llama.py): one stacked tensor per group (fewest
@@ -66,17 +69,50 @@ class RecipeOptions:
 def resolve_gears(opts: RecipeOptions, presets: Mapping[str, Gears], real: Gears) -> Gears:
     """The options' gears, else the preset's (no checkpoint), else the real-size defaults."""
     base = presets.get(opts.preset) if opts.checkpoint is None else None
+    where = f"the {opts.preset} preset's" if base else "the default"
     base = base or real
+    check_gear_lists(opts.seq_gears, opts.cache_gears)
     seq = tuple(sorted(set(opts.seq_gears or base.seq)))
     cache = tuple(sorted(set(opts.cache_gears or base.cache)))
-    if min(seq) < 1 or min(cache) < 1:
-        raise InputError(f"gears must be positive: seq {seq}, cache {cache}")
     if 1 not in seq:
         raise InputError(f"--seq-gears must include 1 for decoding, got {seq}")
+    if len(seq) * len(cache) > MAX_GEARS:
+        raise gear_count_error([("--seq-gears" if opts.seq_gears else f"{where} seq gears", len(seq)),
+                                ("--cache-gears" if opts.cache_gears else f"{where} cache gears", len(cache))])
     layout = opts.kv_layout or base.kv_layout
     if layout not in KV_LAYOUTS:
         raise InputError(f"--kv-layout {layout}: choose one of {', '.join(KV_LAYOUTS)}")
     return Gears(seq, cache, opts.layers_per_group or base.layers_per_group, layout)
+
+
+def check_gear_lists(seq: tuple[int, ...] | None, cache: tuple[int, ...] | None,
+                     batch: tuple[int, ...] | None = None) -> None:
+    """What the gear options alone can tell, before any family (or torch) is imported: values
+    of at least 1, a seq gear of 1 (decoding feeds one token), a batch gear of 1, and no more
+    gears per graph than ATC compiles (an option left out counts as one value here; the
+    preset's lists are counted once they are known)."""
+    for flag, values in (("--seq-gears", seq), ("--cache-gears", cache), ("--batch-gears", batch)):
+        bad = [v for v in values or () if v < 1]
+        if bad:
+            raise InputError(f"{flag} {','.join(map(str, values))}: every gear must be at least 1, "
+                             f"got {', '.join(map(str, bad))}")
+    if seq and 1 not in seq:
+        raise InputError(f"--seq-gears {','.join(map(str, seq))}: must include 1 (decoding feeds one token at a time)")
+    if batch and 1 not in batch:
+        raise InputError(f"--batch-gears {','.join(map(str, batch))}: must include 1 (single conversations run at "
+                         "batch 1)")
+    given = [(flag, len(set(v))) for flag, v in (("--seq-gears", seq), ("--cache-gears", cache),
+                                                 ("--batch-gears", batch)) if v]
+    if math.prod(n for _, n in given) > MAX_GEARS:
+        raise gear_count_error(given)
+
+
+def gear_count_error(parts: list[tuple[str, int]], graph: str = "each decoder graph") -> InputError:
+    """ATC's limit, naming where each factor of the count comes from."""
+    total = math.prod(n for _, n in parts)
+    terms = " x ".join(f"{what} ({n})" for what, n in parts)
+    return InputError(f"{terms} = {total} gears for {graph}; ATC compiles at most {MAX_GEARS} gears per graph: "
+                      "give fewer values")
 
 
 def check_preset(opts: RecipeOptions, presets: Mapping) -> None:

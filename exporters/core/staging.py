@@ -6,10 +6,14 @@ Three things make that hold outside the happy path:
 
 - SIGTERM unwinds like SIGINT (Ctrl-C), so the staging folder is removed on the way out;
   one that arrives during the final swap waits the microseconds until the new bundle is whole.
+  Either ends in one line saying so (``ExportInterrupted`` carries Ctrl-C's).
 - SIGKILL (an out-of-memory kill is one) cannot be caught: its staging folder stays until the
   next export to the same ``--out`` finds that the PID in the name is dead and removes it.
 - An exclusive ``flock`` on ``.NAME.lock`` beside ``--out``: a second export to the same folder
   refuses at once, naming the PID that holds it, rather than interleaving or waiting forever.
+- A write that fails (a full disk, a quota, an I/O error) is one line naming the file being
+  written (``writing`` labels each step) once the staging folder is gone, not an OSError from
+  deep inside onnx or numpy.
 
 The lock file is removed when the export ends. Unlinking a lock file is only safe because
 :func:`_lock` checks, once it holds the lock, that the path still names the file it locked;
@@ -33,10 +37,35 @@ from typing import Callable, Iterator
 from vlm2om.runtime.bundle import MANIFEST
 from vlm2om.runtime.errors import InputError, Vlm2omError
 
+from vlm2om.exporters.core.preflight import os_reason
+
 
 class ExportTerminated(KeyboardInterrupt):
     """Raised by the SIGTERM handler. A KeyboardInterrupt, so it unwinds through every
     ``except Exception`` in torch, onnx and our own code exactly as Ctrl-C would."""
+
+
+class ExportInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an export, after its cleanup: still a KeyboardInterrupt for Python callers,
+    with the one line the CLI prints (what was removed, what was kept)."""
+
+
+class WriteFailed(Exception):
+    """An OSError while ``writing(what)``: staging_dir reports it with ``what`` named."""
+
+    def __init__(self, what: str, err: OSError):
+        super().__init__(f"{what}: {err}")
+        self.what, self.err = what, err
+
+
+@contextmanager
+def writing(what: str) -> Iterator[None]:
+    """Label the writes of the block (``vision.onnx``, ``manifest.json``) for the error a failed
+    write becomes."""
+    try:
+        yield
+    except OSError as e:
+        raise WriteFailed(what, e) from e
 
 
 @contextmanager
@@ -60,6 +89,7 @@ def staging_dir(out: Path, echo: Callable[[str], None] = print) -> Iterator[Path
         _remove_created(created)
         raise
     done, term, had_bundle = False, _Sigterm(), out.is_dir()
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
         with _sigterm_raises(term):
             _clear_stale(out, echo)
@@ -67,7 +97,6 @@ def staging_dir(out: Path, echo: Callable[[str], None] = print) -> Iterator[Path
                 raise InputError(f"output '{out}' is a non-empty folder that is not a bundle; "
                                  "refusing to replace it")
             had_bundle = out.is_dir()
-            tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
             try:
                 try:
                     tmp.mkdir()
@@ -75,7 +104,8 @@ def staging_dir(out: Path, echo: Callable[[str], None] = print) -> Iterator[Path
                     raise InputError(f"cannot write the bundle to '{out}': {e.strerror or e}") from None
                 yield tmp
                 term.hold = True  # committed: a SIGTERM from here on waits for the swap
-                _swap(tmp, out)
+                with writing(_SWAP):
+                    _swap(tmp, out)
             except BaseException:
                 term.fired = True  # a SIGTERM now must not cut the cleanup short
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -85,12 +115,38 @@ def staging_dir(out: Path, echo: Callable[[str], None] = print) -> Iterator[Path
         kept = "the bundle there before is unchanged" if had_bundle else "nothing was written"
         raise Vlm2omError(f"export to '{out}' stopped by SIGTERM; its staging folder was removed "
                           f"and {kept}") from None
+    except KeyboardInterrupt:
+        kept = "the bundle there before is unchanged" if had_bundle else "nothing was written"
+        raise ExportInterrupted(f"export to '{out}' interrupted (Ctrl-C); its staging folder was removed "
+                                f"and {kept}") from None
+    except (OSError, WriteFailed) as e:
+        raise _write_error(e, out, tmp, had_bundle) from None
     finally:
         _unlock(lock_path, fd)
         if not done:
             _remove_created(created)
         if term.pending:  # arrived during the swap: the new bundle is whole, now terminate
             signal.raise_signal(signal.SIGTERM)
+
+
+_SWAP = "the swap"  # the label of the final renames
+
+
+def _write_error(e: OSError | WriteFailed, out: Path, tmp: Path, had_bundle: bool) -> Vlm2omError:
+    """One line: what went wrong, on which file, and what is left (the staging folder is gone)."""
+    what, err = (e.what, e.err) if isinstance(e, WriteFailed) else (None, e)
+    where = Path(err.filename).resolve() if isinstance(err.filename, (str, os.PathLike)) else None
+    if what == _SWAP:
+        doing = f"while moving the new bundle into place at '{out}'"
+    elif where is not None and where != tmp and tmp not in where.parents:  # not ours: name the file itself
+        doing = f"on '{where}' while exporting to '{out}'"
+    else:
+        what = what or (where.name if where is not None else "the bundle")
+        doing = f"while writing {what} to the staging folder of '{out}'"
+    kept = "the bundle there before is unchanged" if had_bundle else "nothing was written"
+    left = f"the staging folder could not be removed: remove {tmp} by hand; {kept}" if tmp.exists() else \
+        f"the staging folder was removed and {kept}"
+    return Vlm2omError(f"{os_reason(err)} {doing}; {left}")
 
 
 def _swap(tmp: Path, out: Path) -> None:

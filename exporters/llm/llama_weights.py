@@ -12,7 +12,6 @@ Config fields follow transformers' ``LlamaConfig`` (reference: model-architectur
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,10 @@ import torch
 
 from vlm2om.graphs.llama import LlamaConfig, LlamaDecoderGroup, LlamaEmbedding
 
-from vlm2om.exporters.core.checkpoints import (CheckpointError, Ignore, LoadReport, MappingTable, Plan, TensorSource,
-                                               expected_shapes, load_plans, on_meta, open_hf_folder)
+from vlm2om.exporters.core.checkpoints import (CheckpointError, Ignore, LoadReport, MappingTable, Plan, SizeCheck,
+                                               TensorSource, check_plans, count_indexed, dim, expected_shapes,
+                                               on_meta, open_hf_folder, size_hint)
+from vlm2om.exporters.core.preflight import read_json
 
 # transformers' LlamaConfig defaults, for configs that store only what differs (llava-hf's text_config).
 LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
@@ -62,16 +63,6 @@ class LlamaKeys:
 
 
 VICUNA = LlamaKeys()
-
-
-def read_json(path: Path, what: str = "config") -> dict:
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot read {what} ({err})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(raw).__name__}")
-    return raw
 
 
 def _rope_theta(raw: dict, where: str) -> float:
@@ -158,12 +149,27 @@ def llm_plan(source: TensorSource, cfg: LlamaConfig, keys: LlamaKeys = VICUNA,
     return (keys.embed + keys.decoder).plan(source, want, {"i": range(cfg.layers)}, check_unmapped)
 
 
-def check_llm_keys(folder, cfg: LlamaConfig, keys: LlamaKeys = VICUNA) -> LoadReport:
+def check_llm_keys(folder, cfg: LlamaConfig, keys: LlamaKeys = VICUNA,
+                   origin: str = "read from config.json") -> LoadReport:
     """Check every key and shape of a folder that holds only the LLM, without reading tensor data.
 
-    Raises CheckpointError on missing, mis-shaped or unmapped keys; the returned report's
-    ``state`` is empty and ``ignored`` lists the skipped buffers."""
-    plan = llm_plan(_source(folder), cfg, keys)
-    if plan.problems:
-        load_plans([plan], what="Vicuna checkpoint")  # raises with every problem
+    Raises CheckpointError on missing, mis-shaped or unmapped keys, leading with the sizes the
+    checkpoint and ``cfg`` (from ``origin``) disagree on; the returned report's ``state`` is
+    empty and ``ignored`` lists the skipped buffers."""
+    source = _source(folder)
+    plan = llm_plan(source, cfg, keys)
+    check_plans([plan], "the Vicuna checkpoint", lambda: [llm_size_hint(source, cfg, keys, origin)])
     return LoadReport({}, [(plan.source.name, k, why) for k, why in plan.ignored])
+
+
+def llm_size_hint(source: TensorSource, cfg: LlamaConfig, keys: LlamaKeys, origin: str) -> str | None:
+    """The LLM sizes the checkpoint's shapes tell against ``cfg``'s (``origin``: where cfg came from)."""
+    m = keys.model
+    layer0 = f"{m}layers.0."
+    checks = [SizeCheck("hidden size {}", cfg.hidden, dim(source, f"{m}embed_tokens.weight", 1)),
+              SizeCheck("{} layers", cfg.layers, count_indexed(source.keys(), re.escape(m) + r"layers\.(\d+)\.")),
+              SizeCheck("a vocabulary of {}", cfg.vocab_size, dim(source, f"{m}embed_tokens.weight", 0)),
+              SizeCheck("intermediate size {}", cfg.ffn, dim(source, f"{layer0}mlp.gate_proj.weight", 0)),
+              SizeCheck("key/value width {}", cfg.kv_heads * cfg.head_dim,
+                        dim(source, f"{layer0}self_attn.k_proj.weight", 0))]
+    return size_hint("LLM", checks, origin)

@@ -51,13 +51,29 @@ def reference_source(bundle, checkpoint: Path | None = None) -> ReferenceSource:
     elif opts.get("checkpoint") and not Path(opts["checkpoint"]).is_dir():
         raise InputError(f"bundle '{bundle.root}' was exported from checkpoint '{opts['checkpoint']}', which is "
                          "not here: pass --reference CHECKPOINT (or verify with --golden)")
-    hints = typing.get_type_hints(recipe.ExportOptions)
+    hints = _hints(recipe.ExportOptions)
     kw = {k: _option(hints[k], v) for k, v in opts.items() if k in hints}
     if kw.get("checkpoint"):
         kw["checkpoint"] = Path(kw["checkpoint"])
     label = f"checkpoint {kw['checkpoint']}" if kw.get("checkpoint") else \
         f"preset {kw.get('preset')} (seed {kw.get('seed', 0)})"
     return ReferenceSource(recipe, recipe.ExportOptions(**kw), tuple(opts.get("batch_gears") or ()), label)
+
+
+def _hints(cls) -> dict:
+    """The option types, resolved: a family's options module names its graph configs only for type
+    checkers (it stays torch-free for the CLI), so they are looked up in vlm2om.graphs here."""
+    import importlib
+    import pkgutil
+
+    import torch
+
+    import vlm2om.graphs
+
+    names = {"nn": torch.nn}
+    for info in pkgutil.iter_modules(vlm2om.graphs.__path__):
+        names.update(vars(importlib.import_module(f"vlm2om.graphs.{info.name}")))
+    return typing.get_type_hints(cls, localns=names)
 
 
 def _option(hint, value):
@@ -119,9 +135,11 @@ def verify_subgraphs(bundle, source: ReferenceSource, backend: str = "ort", thre
 
 def verify_end_to_end(bundle, source: ReferenceSource, images: list[Path], prompts: list[str],
                       follow_ups: list[str] = (), new_tokens: int = 16, backend: str = "ort",
-                      **backend_options) -> list[CaseResult]:
+                      exif_transpose: bool = False, **backend_options) -> list[CaseResult]:
     """Every image x prompt, then each follow-up in the same conversation: per turn, the prompt's
-    token ids, per-step logits cosine and greedy agreement with the reference."""
+    token ids, per-step logits cosine and greedy agreement with the reference. ``exif_transpose``:
+    each image file is turned upright (the runtime's loader) and those pixels go to both sides;
+    otherwise both read the file as the original loaders do, ignoring its EXIF orientation."""
     from vlm2om.runtime.generation import GenerationConfig
     from vlm2om.runtime.pipeline import open_pipeline
 
@@ -136,8 +154,13 @@ def verify_end_to_end(bundle, source: ReferenceSource, images: list[Path], promp
     from PIL import Image
 
     # (label, image): the given files, else two synthetic pictures (no files ship with vlm2om)
-    cases = [(str(p), Path(p)) for p in images] or \
-        [(f"synthetic{i}", Image.fromarray(rgb)) for i, rgb in enumerate(synthetic_images())]
+    if exif_transpose:
+        from vlm2om.runtime.preprocess import load_image
+
+        cases = [(str(p), load_image(p, exif_transpose=True)) for p in images]
+    else:
+        cases = [(str(p), Path(p)) for p in images]
+    cases = cases or [(f"synthetic{i}", Image.fromarray(rgb)) for i, rgb in enumerate(synthetic_images())]
     try:
         for label, image in cases:
             for prompt in prompts:

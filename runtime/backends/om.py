@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BundleError
-from .base import TensorSpec, check_feeds
+from .base import FileTensor, TensorSpec, check_feeds, check_graph_file, io_problems
 
 INSTALL_HINT = ("the OM backend needs ais_bench and aclruntime (the ais_bench inference tool's wheels, "
                 "installed on the Ascend box with the CANN toolkit's set_env.sh sourced)")
@@ -53,30 +53,29 @@ class OmSession:
         self.inputs = [TensorSpec.from_manifest(e) for e in entry["inputs"]]
         self.outputs = [TensorSpec.from_manifest(e) for e in entry["outputs"]]
         self._mode = "dymdims" if self.gears else "static"
-        path = bundle.path(om_entry(bundle, graph_name)["file"])
+        self._label = om_entry(bundle, graph_name)["file"]
+        path = bundle.path(self._label)
         try:
             self._sess = InferSession(int(device_id), str(path))
         except Exception as e:  # aclruntime raises RuntimeError and its own types
             raise BundleError(f"ais_bench cannot load '{path}' on device {device_id}: {e}") from e
-        self._check_model(path)
+        self._check_model()
 
-    def _check_model(self, path) -> None:
-        """The OM's inputs are the manifest's, in order; its outputs agree in count (and in
-        their fixed dims where the OM reports the full rank)."""
-        declared = [s.name for s in self.inputs]
-        actual = [i.name for i in self._sess.get_inputs()]
-        if actual != declared:
+    def _check_model(self) -> None:
+        """The OM's inputs are the manifest's, in order, with their static dims; its outputs agree in
+        count (OM output names need not be the ONNX ones) and in their static dims where the OM
+        reports the full rank. Dtypes and gear dims are not compared: ATC's precision modes may
+        change the one, and an OM may report the other at one of its values."""
+        def described(values):
+            return [FileTensor(v.name, None, tuple(v.shape)) for v in values]
+
+        problems = (io_problems("input", self.inputs, described(self._sess.get_inputs()), self.gears,
+                                strict_gears=False)
+                    + io_problems("output", self.outputs, described(self._sess.get_outputs()), self.gears,
+                                  by_name=False, ranks_may_differ=True, strict_gears=False))
+        if problems:
             self.close()
-            raise BundleError(f"'{path}' has inputs {actual}, the manifest declares {declared}")
-        outs = self._sess.get_outputs()
-        bad = len(outs) != len(self.outputs) or any(
-            len(o.shape) == len(s.shape) and any(isinstance(m, int) and 0 <= d != m for d, m in zip(o.shape, s.shape))
-            for o, s in zip(outs, self.outputs))
-        if bad:
-            got = [(o.name, list(o.shape)) for o in outs]
-            self.close()
-            raise BundleError(f"'{path}' has outputs {got}, the manifest declares "
-                              f"{[(s.name, list(s.shape)) for s in self.outputs]}")
+        check_graph_file(self.name, self._label, problems, "compile it again with `vlm2om compile`")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         gear = check_feeds(self.name, self.inputs, self.gears, feeds)

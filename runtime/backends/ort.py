@@ -6,7 +6,12 @@ import os
 import numpy as np
 
 from ..errors import BundleError
-from .base import TensorSpec, check_feeds
+from .base import FileTensor, TensorSpec, check_feeds, check_graph_file, io_problems
+
+# onnxruntime's element type names -> numpy's
+ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int16)": "int16", "tensor(int8)": "int8",
+              "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
 
 
 def prepack_fits(bundle) -> bool:
@@ -75,15 +80,24 @@ class OrtSession:
         try:
             self._sess = ort.InferenceSession(str(path), opts, providers=list(providers))
         except Exception as e:  # onnxruntime raises its own exception types
-            raise BundleError(f"onnxruntime cannot load '{path}': {e}") from e
+            raise BundleError(f"graph '{graph_name}': onnxruntime cannot load '{path}': {e}") from e
         active = self._sess.get_providers()
         if active[0] != providers[0]:
             raise BundleError(f"asked for {providers[0]} but onnxruntime runs {active[0]}")
-        declared = [s.name for s in self.inputs]
-        actual = [i.name for i in self._sess.get_inputs()]
-        if declared != actual:
-            raise BundleError(f"'{path}' has inputs {actual}, the manifest declares {declared}")
+        self._check_file(entry["file"])
         self._out_names = [s.name for s in self.outputs]
+
+    def _check_file(self, label: str) -> None:
+        """The ONNX file's inputs and outputs are the manifest's (names, dtypes, static dims): a file
+        from another export fails here, by name, not inside onnxruntime's first run."""
+        def described(values):
+            return [FileTensor(v.name, ORT_DTYPES.get(v.type, v.type), tuple(v.shape)) for v in values]
+
+        problems = (io_problems("input", self.inputs, described(self._sess.get_inputs()), self.gears)
+                    + io_problems("output", self.outputs, described(self._sess.get_outputs()), self.gears))
+        if problems:
+            self._sess = None
+        check_graph_file(self.name, label, problems, "re-export it")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.name, self.inputs, self.gears, feeds)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import weakref
 
-from ..errors import BundleError
+from ..errors import BundleError, InputError
 
 BOS_RULES = ("first", "every", "none")
 
@@ -42,6 +42,9 @@ class PromptKind:
 
     def ask(self, messages: list[list], text: str) -> None:
         s, last = self.spec, messages[-1] if messages else None
+        if s["image_placeholder"] in text:  # it would split the prompt at one more image than given
+            raise InputError(f"the question contains '{s['image_placeholder']}', which this bundle's prompt "
+                             "format keeps for the image: leave it out")
         if last and last[0] == 0 and last[1].endswith(s["image_message_end"]):
             last[1] = last[1] + s.get("image_join", " ") + text  # the question joins its image
         else:

@@ -19,4 +19,4 @@ def run_cli(*args, timeout: int = 300, **kw):
     import sys
 
     return subprocess.run([sys.executable, "-m", "vlm2om", *map(str, args)], cwd=kw.pop("cwd", ROOT),
-                          capture_output=True, text=True, timeout=timeout, **kw)
+                          capture_output=True, text=kw.pop("text", True), timeout=timeout, **kw)

@@ -42,3 +42,16 @@ def perturb(bundle: Path, graph: str, scale: float = 0.05, rehash: bool = True) 
 def csv_rows(path: Path) -> list[dict]:
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+def as_version_1(m: dict) -> dict:
+    """What a bundle's manifest was in schema 1 (no task, no roles, a FastChat style), in place."""
+    m["schema_version"] = 1
+    del m["task"]
+    for key in ("attention", "image_input", "image_output"):
+        del m["pipeline"][key]
+    for g in m["graphs"].values():
+        for spec in [*g["inputs"], *g["outputs"]]:
+            spec.pop("role", None)
+    m["prompt"]["style"] = m["prompt"].pop("kind").removeprefix("fastchat_")
+    return m

@@ -85,3 +85,14 @@ def test_a_tiny_temperature_samples_the_argmax_without_nan():
     logits = np.array([1.0, 3.0, 2.5, -4.0], np.float32)
     s = Sampler(GenerationConfig(do_sample=True, temperature=1e-300, seed=0), eos_ids=(0,))
     assert [s(logits) for _ in range(5)] == [1] * 5
+
+
+def test_a_bad_generation_entry_is_the_bundles_fault_and_an_override_the_users():
+    from vlm2om.runtime.errors import BundleError
+
+    for entry in ({"top_p": 0}, {"max_new_tokens": "300"}, {"stop_strings": 5}):
+        with pytest.raises(BundleError, match="the manifest's generation entry cannot be used"):
+            GenerationConfig.from_manifest(entry)
+    assert GenerationConfig.from_manifest({"top_p": 0.9}, top_p=None, seed=3) == GenerationConfig(top_p=0.9, seed=3)
+    with pytest.raises(InputError, match="top_p must be in"):
+        GenerationConfig.from_manifest({"top_p": 0.9}, top_p=2.0)

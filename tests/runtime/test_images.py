@@ -163,6 +163,18 @@ def test_ordinary_files_give_the_pil_images_pixels_bit_for_bit(tmp_path, steps):
             np.testing.assert_array_equal(preprocess(path, steps, exif_transpose=exif), preprocess(original, steps))
 
 
+def test_a_palette_with_transparency_reads_as_the_loaders_do_without_a_warning(tmp_path):
+    path = tmp_path / "palette.png"  # a tRNS chunk of several entries: Pillow keeps it as bytes and warns
+    synthetic_image(40, 30, seed=8).convert("P").save(path, transparency=bytes([0, 128] + [255] * 254))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        original = Image.open(path).convert("RGB")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(preprocess(path, PIXELS), preprocess(original, PIXELS))
+    assert load_image(path).filename == str(path)  # a decoded file keeps its name for later messages
+
+
 # --- URLs, paths and files that are no images ---------------------------------------------------
 
 @pytest.mark.parametrize("url", ["http://example.com/cat.jpg", "https://example.com/a/cat.png?x=1",

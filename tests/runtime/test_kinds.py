@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers.bundles import copy_bundle
+from tests.helpers.bundles import as_version_1, copy_bundle
 from vlm2om.runtime import Bundle, BundleError, GenerationConfig, InputError, open_bundle
 from vlm2om.runtime.decoder import Decoder
 from vlm2om.runtime.schema import V1_ROLES
@@ -38,21 +38,9 @@ def reference_turns(tiny_bundle, sample_image):
     return _two_turns(open_bundle(tiny_bundle), sample_image)
 
 
-def _as_version_1(m: dict) -> None:
-    """What this bundle's manifest was in schema 1: no task, no roles, a FastChat style."""
-    m["schema_version"] = 1
-    del m["task"]
-    for key in ("attention", "image_input", "image_output"):
-        del m["pipeline"][key]
-    for g in m["graphs"].values():
-        for spec in [*g["inputs"], *g["outputs"]]:
-            spec.pop("role", None)
-    m["prompt"]["style"] = m["prompt"].pop("kind").removeprefix("fastchat_")
-
-
 def test_version_1_bundle_runs_as_exported(tmp_path, tiny_bundle, sample_image, reference_turns):
     old = copy_bundle(tiny_bundle, tmp_path)
-    _edit(old, _as_version_1)
+    _edit(old, as_version_1)
     b = Bundle.open(old)
     assert b.manifest["schema_version"] == 2 and b.task == "chat"
     assert json.loads((old / "manifest.json").read_text())["schema_version"] == 1  # read, never rewritten

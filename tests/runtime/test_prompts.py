@@ -65,3 +65,16 @@ def test_two_style_tokens_match_llava_tokenizer_image_token(tiny_tokenizers, leg
 def test_two_style_clean_answer():
     assert clean_answer(" A cat sits on a mat. ", VICUNA_V1) == "A cat sits on a mat."
     assert clean_answer("A cat.</s>USER: more", VICUNA_V1) == "A cat."
+
+
+@pytest.mark.parametrize("spec", [VICUNA_V1, LLAVA_V1], ids=["vicuna_v1", "llava_v1"])
+def test_the_image_placeholder_in_a_question_is_refused(spec):
+    """It would split the prompt at one more image than the chat holds; the turns stay as they were."""
+    from vlm2om.runtime.errors import InputError
+
+    conv = Conversation(spec)
+    conv.add_image()
+    before = [list(m) for m in conv.messages]
+    with pytest.raises(InputError, match=f"the question contains '{spec['image_placeholder']}'"):
+        conv.ask(f"is {spec['image_placeholder']} a cat?")
+    assert conv.messages == before

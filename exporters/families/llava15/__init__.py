@@ -4,8 +4,13 @@ options (ExportOptions, prompt templates, LlavaParts), checkpoint (both publishe
 weight tables), loader (a checkpoint folder into Parts), recipe (presets, the export plan),
 reference (torch, with transformers' processor and tokenizer).
 """
+from vlm2om.exporters.core.lazy import lazy_attributes
 from vlm2om.exporters.families.llava15.options import ExportOptions
-from vlm2om.exporters.families.llava15.recipe import PRESETS, build_modules, plan
-from vlm2om.exporters.families.llava15.reference import LlavaReference as Reference
+
+# The recipe and the reference import torch: loaded when first asked for, so that the CLI can
+# parse this family's options (ExportOptions) without torch.
+__getattr__ = lazy_attributes(__name__, {
+    "PRESETS": ("recipe", "PRESETS"), "plan": ("recipe", "plan"), "build_modules": ("recipe", "build_modules"),
+    "Reference": ("reference", "LlavaReference")})
 
 __all__ = ["ExportOptions", "PRESETS", "plan", "build_modules", "Reference"]

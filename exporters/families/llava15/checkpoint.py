@@ -54,9 +54,10 @@ from vlm2om.graphs.llama import LlamaConfig
 from vlm2om.graphs.projector import MlpGeluProjector, MlpGeluProjectorConfig
 
 from vlm2om.exporters.core.checkpoints import (HF_WEIGHT_FILES, CheckpointError, Ignore, LoadReport, MappingTable, Plan,
-                                               TensorSource, check_plans, coverage_plan, expected_shapes, load_plans,
-                                               on_meta, open_hf_folder)
-from vlm2om.exporters.llm.llama_weights import LLAMA_DEFAULTS, LlamaKeys, llama_config, llm_plan, read_json
+                                               SizeCheck, TensorSource, check_plans, count_indexed, coverage_plan, dim,
+                                               expected_shapes, load_plans, on_meta, open_hf_folder, size_hint)
+from vlm2om.exporters.llm.llama_weights import (LLAMA_DEFAULTS, LlamaKeys, llama_config, llm_plan, llm_size_hint,
+                                                read_json)
 
 CLIP_FOLDER = "clip-vit-large-patch14-336"
 # transformers' CLIPVisionConfig defaults, for configs that store only what differs.
@@ -280,8 +281,23 @@ def check_checkpoint(ck: LlavaCheckpoint) -> list[str]:
         plans += vision_plans(ck, check_unmapped=False)
         ignore += _vision_ignore(ck.vision_prefix, ck.vision)
     cover = coverage_plan(source, plans, ignore)
-    check_plans([*plans, cover, *tower], f"the LLaVA-1.5 checkpoint ({ck.layout} layout)")
+    check_plans([*plans, cover, *tower], f"the LLaVA-1.5 checkpoint ({ck.layout} layout)",
+                lambda: [llm_size_hint(source, ck.llama, ck.llm_keys, f"read from {ck.root / 'config.json'}"),
+                         vision_size_hint(ck)])
     return [f"{p.source.name}: {k} ({why})" for p in (cover, *tower) for k, why in p.ignored]
+
+
+def vision_size_hint(ck: LlavaCheckpoint) -> str | None:
+    """The CLIP tower's sizes its shapes tell against its config's."""
+    source, p, cfg = open_hf_folder(ck.vision_dir), ck.vision_prefix, ck.vision
+    origin = f"read from {ck.vision_dir / 'config.json'}" + (": vision_config" if ck.layout == "llava-hf" else "")
+    patch = f"{p}embeddings.patch_embedding.weight"
+    return size_hint("CLIP tower", [
+        SizeCheck("width {}", cfg.width, dim(source, patch, 0)),
+        SizeCheck("{} layers", cfg.layers, count_indexed(source.keys(), re.escape(p) + r"encoder\.layers\.(\d+)\.")),
+        SizeCheck("patch size {}", cfg.patch_size, dim(source, patch, 3)),
+        SizeCheck("{} positions", cfg.grid ** 2 + 1, dim(source, f"{p}embeddings.position_embedding.weight", 0)),
+        SizeCheck("MLP size {}", cfg.mlp_dim, dim(source, f"{p}encoder.layers.0.mlp.fc1.weight", 0))], origin)
 
 
 def vision_state(ck: LlavaCheckpoint, dtype: torch.dtype | None = None) -> LoadReport:

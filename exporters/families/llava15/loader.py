@@ -29,10 +29,10 @@ def load_parts(opts: ExportOptions, gears: Gears) -> LlavaParts:
 
     # Read at the checkpoint's dtype, then cast: the tower's LayerNorms stay fp32 (cast_module).
     def vision():
-        return cast_module(assign(lambda: ClipVisionTower(ck.vision), vision_state(ck).state), td)
+        return cast_module(assign(lambda: ClipVisionTower(ck.vision), vision_state(ck).fit(td).state), td)
 
     def projector():
-        return cast_module(assign(lambda: MlpGeluProjector(ck.projector), projector_state(ck).state), td)
+        return cast_module(assign(lambda: MlpGeluProjector(ck.projector), projector_state(ck).fit(td).state), td)
 
     llm = checkpoint_llm(ck.root, ck.llama, ck.llm_keys, gears, dtype)
     source = {"checkpoint": str(checkpoint), "layout": ck.layout, "ignored_keys": ignored}

@@ -3,17 +3,19 @@ of what an export builds (``LlavaParts``), below both the recipe and the checkpo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from torch import nn
-
-from vlm2om.graphs.clip_vit import ClipVisionConfig
-from vlm2om.graphs.projector import MlpGeluProjectorConfig
 from vlm2om.runtime.errors import InputError
 
 from vlm2om.exporters.llm.common import LlmParts
 
 from vlm2om.exporters.core.options import RecipeOptions
+
+if TYPE_CHECKING:  # torch-free at run time: the CLI parses these options before importing torch
+    from torch import nn
+
+    from vlm2om.graphs.clip_vit import ClipVisionConfig
+    from vlm2om.graphs.projector import MlpGeluProjectorConfig
 
 _SYSTEM = ("A chat between a curious {who} and an artificial intelligence assistant. "
            "The assistant gives helpful, detailed, and polite answers to the {who}'s questions.")

@@ -34,7 +34,8 @@ from vlm2om.graphs.projector import LinearProjector, LinearProjectorConfig
 from vlm2om.graphs.qformer import QFormer, QFormerConfig
 
 from vlm2om.exporters.core.checkpoints import (HF_WEIGHT_FILES, CheckpointError, DictSource, Ignore, LoadReport,
-                                               MappingTable, Plan, expected_shapes, load_plans, on_meta)
+                                               MappingTable, Plan, SizeCheck, TensorSource, count_indexed, dim,
+                                               expected_shapes, load_plans, on_meta, size_hint)
 from vlm2om.exporters.llm import llama_weights as lw
 
 EVA_FILE = "eva_vit_g.pth"
@@ -215,4 +216,38 @@ def projector_state(files: MiniGPT4Files, cfg: LinearProjectorConfig,
 
 def check_llm_keys(files: MiniGPT4Files, cfg: LlamaConfig) -> LoadReport:
     """Every key and shape of the Vicuna folder, without reading tensor data (raises on problems)."""
-    return lw.check_llm_keys(files.llm_dir, cfg, lw.vicuna_keys(files.llm_dir))
+    return lw.check_llm_keys(files.llm_dir, cfg, lw.vicuna_keys(files.llm_dir),
+                             f"read from {files.llm_dir / 'config.json'}")
+
+
+# --- the likely cause of a size mismatch, from the shapes (for check_plans) -------------------
+
+def image_size_hints(eva: TensorSource, blip2: TensorSource, proj: TensorSource, vcfg: EvaVitConfig,
+                     qcfg: QFormerConfig, pcfg: LinearProjectorConfig, origin: str) -> list[str | None]:
+    """The EVA, Q-Former and llama_proj sizes the three files' shapes tell against the options'
+    (``origin``: where the EVA and Q-Former sizes came from, said once)."""
+    blocks = count_indexed(eva.keys(), r"blocks\.(\d+)\.")
+    # EVA-CLIP's file holds one block more than BLIP-2 builds (eva_table's ignore list): count
+    # the blocks BLIP-2 would build from it.
+    blocks = vcfg.depth if blocks in (vcfg.depth, vcfg.depth + 1) else blocks and blocks - 1
+    layer0 = "Qformer.bert.encoder.layer.0."
+    hints = [
+        size_hint("EVA ViT", [SizeCheck("width {}", vcfg.width, dim(eva, "cls_token", 2)),
+                              SizeCheck("{} blocks", vcfg.depth, blocks),
+                              SizeCheck("patch size {}", vcfg.patch_size, dim(eva, "patch_embed.proj.weight", 3)),
+                              SizeCheck("{} position embeddings", vcfg.num_patches + 1, dim(eva, "pos_embed", 1)),
+                              SizeCheck("MLP size {}", vcfg.mlp_dim, dim(eva, "blocks.0.mlp.fc1.weight", 0))], None),
+        size_hint("Q-Former", [SizeCheck("hidden size {}", qcfg.hidden, dim(blip2, "query_tokens", 2)),
+                               SizeCheck("{} layers", qcfg.layers,
+                                         count_indexed(blip2.keys(), r"Qformer\.bert\.encoder\.layer\.(\d+)\.")),
+                               SizeCheck("{} query tokens", qcfg.num_query, dim(blip2, "query_tokens", 1)),
+                               SizeCheck("intermediate size {}", qcfg.ffn,
+                                         dim(blip2, layer0 + "intermediate_query.dense.weight", 0)),
+                               SizeCheck("cross-attention width {}", qcfg.encoder_width,
+                                         dim(blip2, layer0 + "crossattention.self.key.weight", 1))], None)]
+    hints = [h for h in hints if h]
+    if hints:  # llama_proj's input follows the Q-Former: a wrong Q-Former explains it too
+        return [*hints[:-1], f"{hints[-1]} ({origin})"]
+    return [size_hint("llama_proj", [SizeCheck("input width {}", pcfg.in_dim, dim(proj, "llama_proj.weight", 1)),
+                                     SizeCheck("output width {}", pcfg.out_dim, dim(proj, "llama_proj.weight", 0))],
+                      "the Q-Former's hidden size and the LLM's (vicuna/config.json)")]

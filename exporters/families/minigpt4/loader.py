@@ -15,9 +15,8 @@ from vlm2om.graphs.eva_vit import EvaVisionEncoder, EvaVitConfig
 from vlm2om.graphs.projector import Bridge, LinearProjector, LinearProjectorConfig
 from vlm2om.graphs.qformer import QFormer, QFormerConfig
 
-from vlm2om.exporters.core.checkpoints import check_plans
+from vlm2om.exporters.core.checkpoints import assign, check_plans
 from vlm2om.exporters.core.options import Gears
-from vlm2om.exporters.core.checkpoints import assign
 from vlm2om.exporters.llm.llama import checkpoint_llm
 from vlm2om.exporters.families.minigpt4 import checkpoint as w
 from vlm2om.exporters.families.minigpt4.options import ExportOptions, MiniGPT4Parts
@@ -33,11 +32,16 @@ def load_parts(opts: ExportOptions, gears: Gears) -> MiniGPT4Parts:
     qcfg = opts.qformer or QFormerConfig(encoder_width=vcfg.width)
     pcfg = LinearProjectorConfig(qcfg.hidden, llama.hidden)
     td = getattr(torch, dtype)
-    plans = [*w.vision_plans(files, vcfg), *w.qformer_plans(files, qcfg), *w.projector_plans(files, pcfg)]
-    check_plans(plans, "the MiniGPT-4 image side")
+    vplans, qplans, pplans = w.vision_plans(files, vcfg), w.qformer_plans(files, qcfg), w.projector_plans(files, pcfg)
+    plans = [*vplans, *qplans, *pplans]
+    origin = ("vlm2om's sizes of MiniGPT-4's EVA-ViT-g and Q-Former; another size needs "
+              "ExportOptions(vision=..., qformer=...) from Python" if opts.vision is None and opts.qformer is None
+              else "the vision and qformer options")
+    check_plans(plans, "the MiniGPT-4 image side", lambda: w.image_size_hints(
+        vplans[0].source, qplans[0].source, pplans[0].source, vcfg, qcfg, pcfg, origin))
     ignored = w.check_llm_keys(files, llama).ignored_lines()
     ignored += [f"{p.source.name}: {k} ({why})" for p in plans for k, why in p.ignored]
-    del plans  # drop the file handles; each build reopens only what it reads
+    del plans, vplans, qplans, pplans  # drop the file handles; each build reopens only what it reads
 
     bounds = opts.vision_bounds(vcfg.depth)
 
@@ -45,11 +49,12 @@ def load_parts(opts: ExportOptions, gears: Gears) -> MiniGPT4Parts:
     def build_vision(i: int):
         blocks = bounds[i]
         return cast_module(assign(lambda: EvaVisionEncoder(vcfg, blocks),
-                                  w.vision_state(files, vcfg, blocks=blocks).state), td)
+                                  w.vision_state(files, vcfg, blocks=blocks).fit(td).state), td)
 
     def build_bridge():
-        q = assign(lambda: QFormer(qcfg), w.qformer_state(files, qcfg).state)
-        return cast_module(Bridge(q, assign(lambda: LinearProjector(pcfg), w.projector_state(files, pcfg).state)), td)
+        q = assign(lambda: QFormer(qcfg), w.qformer_state(files, qcfg).fit(td).state)
+        proj = assign(lambda: LinearProjector(pcfg), w.projector_state(files, pcfg).fit(td).state)
+        return cast_module(Bridge(q, proj), td)
 
     llm = checkpoint_llm(files.llm_dir, llama, lw.vicuna_keys(files.llm_dir), gears, dtype)
     return MiniGPT4Parts(vcfg, qcfg, llm, files.tokenizer_model.read_bytes(),

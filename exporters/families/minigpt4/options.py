@@ -3,18 +3,20 @@ below both the recipe and the checkpoint loader, which make Parts from a preset 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from torch import nn
-
-from vlm2om.graphs.eva_vit import EvaVitConfig
-from vlm2om.graphs.qformer import QFormerConfig
 from vlm2om.runtime.errors import InputError
 
 from vlm2om.exporters.llm.common import LlmParts
 
 from vlm2om.exporters.core.options import RecipeOptions
 from vlm2om.exporters.llm.common import group_bounds
+
+if TYPE_CHECKING:  # torch-free at run time: the CLI parses these options before importing torch
+    from torch import nn
+
+    from vlm2om.graphs.eva_vit import EvaVitConfig
+    from vlm2om.graphs.qformer import QFormerConfig
 
 REAL_VISION_GRAPHS = 2  # EVA-ViT-g in two graphs for a checkpoint (see recipe.REAL_GEARS)
 

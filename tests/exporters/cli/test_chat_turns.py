@@ -17,7 +17,7 @@ def test_a_turn_too_long_for_the_cache_does_not_end_the_chat(tiny_bundle, sample
     r = _chat(tiny_bundle, sample_image, b"Hi\n" + long + b"\nAnd then?\n/quit\n")
     out, err = r.stdout.decode(), r.stderr.decode()
     assert r.returncode == 0, err
-    assert out.count("assistant> ") == 3 and "Traceback" not in err
+    assert out.count("assistant> ") == 2 and "Traceback" not in err  # the failed turn has no answer
     assert "largest cache gear" in err and "the conversation goes on" in err
     # The third answer is what a chat without the failed turn gives.
     clean = _chat(tiny_bundle, sample_image, b"Hi\nAnd then?\n/quit\n").stdout.decode()

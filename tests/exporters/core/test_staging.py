@@ -1,5 +1,6 @@
-"""Interrupted and concurrent exports: SIGKILL, SIGTERM and a second export to the same ``--out``
-never damage the bundle that was there, and no staging folder outlives the next export."""
+"""The staging folder on its own: stale folders of dead exports, the lock, SIGTERM's unwinding and
+a write that fails. The CLI killed for real (SIGKILL, SIGTERM, SIGINT, a second export) is in
+tests/faults/test_signals.py."""
 from __future__ import annotations
 
 import fcntl
@@ -13,9 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
-from tests.helpers import run_cli as cli
-from tests.helpers.bundles import copy_bundle
 from vlm2om.exporters.core.staging import staging_dir
 from vlm2om.runtime.errors import InputError, Vlm2omError
 
@@ -169,66 +167,42 @@ def test_outside_the_main_thread_no_handler_is_installed(tmp_path):
     assert seen == [signal.getsignal(signal.SIGTERM)] and (tmp_path / "b" / "manifest.json").is_file()
 
 
-# --- the CLI, killed for real ---
+# --- a write that fails, Ctrl-C ---
 
-def start_export(out: Path, log: Path) -> subprocess.Popen:
-    with log.open("w") as f:
-        return subprocess.Popen([sys.executable, "-m", "vlm2om", "export", "minigpt4", "--preset", "tiny",
-                                 "--out", str(out)], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+def test_a_failed_write_is_one_line_naming_the_file(tmp_path):
+    import errno
 
+    from vlm2om.exporters.core.staging import writing
 
-def wait_for_first_graph(proc: subprocess.Popen, out: Path, timeout: float = 120) -> Path:
-    """The staging folder, once it holds its first .onnx file."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [p.parent for p in out.parent.glob(f".{out.name}.partial-*/*.onnx")]
-        if found:
-            return found[0]
-        assert proc.poll() is None, "the export ended before writing a graph"
-        time.sleep(0.005)
-    proc.kill()
-    pytest.fail("no staging folder with a graph appeared")
-
-
-@pytest.fixture
-def old_bundle(tiny_bundle, tmp_path):
-    return copy_bundle(tiny_bundle, tmp_path, "out")
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "manifest.json").write_text("old")
+    with pytest.raises(Vlm2omError) as err:
+        with staging_dir(out, echo=lambda s: None) as tmp:
+            with writing("embed.onnx"):
+                (tmp / "embed.onnx").write_text("half")
+                raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    assert str(err.value) == (f"disk quota exceeded while writing embed.onnx to the staging folder of '{out}'; the "
+                              "staging folder was removed and the bundle there before is unchanged")
+    assert (out / "manifest.json").read_text() == "old" and hidden(tmp_path) == []
 
 
-def test_sigkill_after_the_first_graph_keeps_the_old_bundle(old_bundle, tmp_path):
-    before = snapshot(old_bundle)
-    proc = start_export(old_bundle, tmp_path / "log.txt")
-    staging = wait_for_first_graph(proc, old_bundle)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL
-    assert snapshot(old_bundle) == before and staging.is_dir()  # what an OOM kill leaves
-    r = cli("export", "minigpt4", "--preset", "tiny", "--out", old_bundle)
-    assert r.returncode == 0, r.stderr
-    assert f"removed {staging.name}, the staging folder" in r.stdout and f"process {proc.pid} is gone" in r.stdout
-    assert hidden(tmp_path) == []  # no staging folder, no lock file
-    assert snapshot(old_bundle) != before
+def test_an_unlabelled_os_error_names_its_file(tmp_path):
+    import errno
+
+    elsewhere, out = tmp_path / "scratch" / "x.log", tmp_path / "b"
+    with pytest.raises(Vlm2omError, match=rf"no space left on device on '{elsewhere}' while exporting to '{out}'; "
+                                          "the staging folder was removed and nothing was written"):
+        with staging_dir(tmp_path / "b", echo=lambda s: None):
+            raise OSError(errno.ENOSPC, "No space left on device", str(elsewhere))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_sigterm_after_the_first_graph_cleans_up(old_bundle, tmp_path):
-    before = snapshot(old_bundle)
-    proc = start_export(old_bundle, tmp_path / "log.txt")
-    wait_for_first_graph(proc, old_bundle)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 1
-    log = (tmp_path / "log.txt").read_text()
-    assert "stopped by SIGTERM" in log and "Traceback" not in log
-    assert hidden(tmp_path) == [] and snapshot(old_bundle) == before
+def test_ctrl_c_is_still_a_keyboard_interrupt_with_its_line(tmp_path):
+    from vlm2om.exporters.core.staging import ExportInterrupted
 
-
-def test_second_export_to_a_locked_out_refuses_naming_the_pid(old_bundle, tmp_path):
-    before = snapshot(old_bundle)
-    fd = hold_lock(old_bundle, os.getpid())
-    try:
-        r = cli("export", "minigpt4", "--preset", "tiny", "--out", old_bundle)
-    finally:
-        os.close(fd)
-    assert r.returncode == 1
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert lines == [f"Error: another export to '{old_bundle.resolve()}' is running (process {os.getpid()} "
-                     f"holds .out.lock); wait for it to finish or choose another --out"]
-    assert snapshot(old_bundle) == before
+    with pytest.raises(ExportInterrupted, match=rf"export to '{tmp_path / 'b'}' interrupted \(Ctrl-C\); its staging "
+                                                "folder was removed and nothing was written") as err:
+        with staging_dir(tmp_path / "b", echo=lambda s: None):
+            raise KeyboardInterrupt
+    assert isinstance(err.value, KeyboardInterrupt) and hidden(tmp_path) == []

@@ -131,3 +131,25 @@ def test_golden_verify_on_om_files(tiny_batch_bundle, tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["verify", str(bundle), "--golden", "--backend", "om", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     assert "float16: cosine >= 0.999" in r.output and "PASS: 12 subgraph outputs" in r.output
+
+
+def test_reference_verify_turns_an_exif_rotated_photo_upright_when_asked(tiny_batch_bundle, tmp_path, monkeypatch):
+    """--exif-transpose gives the bundle and the reference the same upright pixels (as `vlm2om run`
+    sees the photo); the default reads the file as the original loaders do, sideways."""
+    from PIL import Image
+
+    from vlm2om.runtime.pipeline import VisionChatPipeline
+
+    photo = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 64, 3), np.uint8)).save(photo, exif=exif)
+    seen = []
+    chat = VisionChatPipeline.chat
+    monkeypatch.setattr(VisionChatPipeline, "chat", lambda self, image=None: seen.append(image) or chat(self, image))
+    for flag, size in (("--exif-transpose", (40, 64)), ("--no-exif-transpose", None)):
+        r = CliRunner().invoke(main, ["verify", str(tiny_batch_bundle), "--reference", "--image", str(photo), flag,
+                                      "--prompt", "What is it?", "--single-turn", "--new-tokens", "2",
+                                      "--out", str(tmp_path / flag)])
+        assert r.exit_code == 0, r.output
+        assert (seen[-1].size == size) if size else seen[-1] == photo
