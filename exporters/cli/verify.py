@@ -26,7 +26,7 @@ UNLISTED_SHOWN = 10  # unlisted files named in the warning; the rest are counted
               help="Only this subgraph (repeatable); no end-to-end cases then.")
 @click.option("--cosine", type=float, help="Override the manifest's cosine-similarity floor.")
 @click.option("--rel-euclid", type=float, help="Override the manifest's relative-Euclidean-distance ceiling.")
-@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=str),  # a Path mangles a URL
               help="End-to-end case image (repeatable; default: two synthetic images).")
 @click.option("--exif-transpose/--no-exif-transpose", default=None,
               help="With --image: --exif-transpose turns each photo upright by its EXIF orientation, as "
@@ -71,6 +71,11 @@ def verify(bundle, golden, reference, graphs, cosine, rel_euclid, images, exif_t
     if exif_transpose and not images:
         raise click.UsageError("--exif-transpose applies to --image files; the synthetic images carry no EXIF "
                                "orientation")
+    if images:  # each from its header, before the bundle's files are hashed
+        from vlm2om.runtime.preprocess import check_image
+
+        for image in images:
+            check_image(image)
     b = open_bundle(bundle, no_hash_check)
     unlisted = b.unlisted_files()
     if unlisted:

@@ -195,3 +195,15 @@ def test_a_damaged_exif_block_is_one_warning_naming_the_file(tmp_path, bundle, e
     out = expect_error(invoke("run", bundle, "--image", path, *exif, *ASK), code=0)
     warned = [line for line in out.splitlines() if "arning" in line]
     assert len(warned) == 1 and warned[0].startswith(f"warning: image '{path}': Corrupt EXIF data."), out
+
+
+@pytest.mark.parametrize("command", ["verify", "bench"])
+@pytest.mark.parametrize("image", ["https://example.com/cat.jpg", "missing.png"], ids=["url", "missing"])
+def test_verify_and_bench_name_a_bad_image_before_the_bundle_opens(tmp_path, tiny_bundle, never_opened,
+                                                                    command, image):
+    if image == "missing.png":
+        image = str(tmp_path / image)
+    args = ("verify", tiny_bundle, "--reference", "--image", image) if command == "verify" else \
+        ("bench", tiny_bundle, "--image", image, "--batch", "1")
+    needle = "is a URL, and URLs are not read" if image.startswith("https") else "does not exist"
+    expect_error(invoke(*args), f"image '{image}'", needle, code=1)
