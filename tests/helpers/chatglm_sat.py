@@ -56,15 +56,20 @@ def sat_or_skip():
     """SAT's ``ChatGLMModel`` and ``get_args``, or a skip that says how to install them."""
     reason = f"SwissArmyTransformer (the ChatGLM oracle) is not installed: pip install '{SAT_REQUIREMENT}' requests"
     pytest.importorskip("deepspeed", reason=reason)
-    install_stubs()
+    import torch._dynamo  # noqa: F401  (it probes triton as it first loads: before any stub exists)
+
+    stubbed = install_stubs()
     official = pytest.importorskip("sat.model.official", reason=reason)
     import sat
 
+    for name in stubbed:  # SAT holds them now; left in sys.modules they mislead later probes
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
     return official.ChatGLMModel, sat.get_args
 
 
 @contextmanager
-def _single_process_env():
+def single_process_env():
     """What SAT's get_args reads to set up a one-process gloo group; the caller's env and RNG
     states come back afterwards (get_args seeds torch, numpy and random)."""
     with socket.socket() as s:
@@ -104,7 +109,7 @@ def build_sat_chatglm(cfg: ChatGLMConfig) -> nn.Module:
             "--hidden-dropout", "0", "--attention-dropout", "0", "--make-vocab-size-divisible-by", "1",
             "--bos-token-id", str(SOP), "--mask-token-id", str(MASK), "--gmask-token-id", str(GMASK),
             "--pad-token-id", str(PAD)]
-    with _single_process_env():
+    with single_process_env():
         args = get_args(argv, parser=parser)
         model = model_cls(args)
     return model.eval()
