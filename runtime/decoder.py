@@ -7,7 +7,9 @@ name: ``hidden`` (embeddings, or the previous group's output), ``positions`` [B,
 ``layer`` index), ``logits_index``
 [B] (the one position per row whose logits are wanted), ``image_mask`` [B, S] (1 on image
 positions during prefill, 0 elsewhere and in every decode step: InternLM-XComposer2's ``im_mask``)
-and ``prefix_length`` [B] (prefix-LM attention: how many positions form the context).
+and ``prefix_length`` [B] (prefix-LM attention: how many positions form the context), and
+``positions_2d`` [B, 2, S] (two position rows, computed by ``pipeline.positions.kind`` from the
+same 1-D positions and each row's prefix length: ``glm_2d``, ChatGLM's position and block position).
 
 Every call is padded to a declared gear: the embed graph on ``seq``, each decoder group on
 (``seq``, ``cache``), and on ``batch`` too when the bundle was exported with batch gears (a
@@ -22,15 +24,30 @@ import numpy as np
 from .errors import BundleError, InputError
 from .gears import dim_values, plan_chunks, select_gear
 from .kv_cache import KVCache
-from .schema import ATTENTION
+from .schema import ATTENTION, POSITIONS
 
 BATCH = "batch"
 INPUT_ROLES = ("hidden", "positions", "valid_mask", "past_kv", "past_key", "past_value", "logits_index",
-               "image_mask", "prefix_length")
+               "image_mask", "prefix_length", "positions_2d")
 OUTPUT_ROLES = ("hidden", "logits", "present_kv", "present_key", "present_value")
 # Cache roles -> the KVCache buffer they read or write: a group's stack, or one layer's key or value.
 CACHE_ROLES = {"past_kv": "kv", "present_kv": "kv", "past_key": "key", "present_key": "key",
                "past_value": "value", "present_value": "value"}
+
+
+def glm_2d(positions: np.ndarray, prefix: np.ndarray) -> np.ndarray:
+    """[B, 2, S]: (position, block position) of the 1-D positions [B, S] of rows whose context
+    (through <sop>, after [gMASK]) has ``prefix`` [B] positions. Before <sop>: (p, 0); from <sop>
+    on, answer tokens and right padding alike: (prefix - 2, p - prefix + 2), the [gMASK] index and
+    block positions counting 1, 2, ... A row without a context (prefix < 2, an unused batch row)
+    gets (p, 0)."""
+    p = prefix.astype(np.int64)[:, None]
+    after = (p >= 2) & (positions >= p - 1)
+    return np.stack([np.where(after, p - 2, positions), np.where(after, positions - p + 2, 0)], axis=1)
+
+
+# pipeline.positions.kind -> how its positions_2d are computed (None: it gives no 2-D positions).
+TWO_D = {"linear": None, "glm_2d": glm_2d}
 
 
 def _roles(bundle, name: str, kind: str, known: tuple[str, ...], group: int = 0) -> dict:
@@ -83,6 +100,12 @@ class Decoder:
         self.attention = pipe.get("attention", "causal")
         if self.attention not in ATTENTION:
             raise BundleError(f"attention kind '{self.attention}' is not known to this runtime; upgrade vlm2om")
+        kind = (pipe.get("positions") or {}).get("kind", "linear")
+        if kind not in POSITIONS:
+            raise BundleError(f"positions kind '{kind}' is not known to this runtime; upgrade vlm2om")
+        self.two_d = TWO_D[kind] if any("positions_2d" in ins for ins in self.inputs) else None
+        if self.two_d is None and any("positions_2d" in ins for ins in self.inputs):
+            raise BundleError(f"the decoder graphs take positions_2d, but positions kind '{kind}' gives none")
         self.hidden = pipe["hidden_size"]
         self.embed_dtype = np.dtype(pipe["embeds_dtype"])
 
@@ -205,6 +228,8 @@ class Decoder:
         presents, res = {}, {}
         shared = {"positions": positions, "valid_mask": cache.mask, "logits_index": index,
                   "prefix_length": prefix, **cache.arrays}
+        if self.two_d is not None:
+            shared["positions_2d"] = self.two_d(positions, prefix)
         for sess, ins, outs, flag_dtype in zip(self.groups, self.inputs, self.outputs, self.mask_dtypes):
             values = {**shared, "hidden": hidden}
             if "image_mask" in ins:

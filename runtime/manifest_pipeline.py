@@ -5,19 +5,22 @@ from __future__ import annotations
 
 from .decoder import CACHE_ROLES, INPUT_ROLES, OUTPUT_ROLES
 from .kv_cache import KINDS
-from .manifest_types import DTYPE, LIST, NAME, NAMES, POSITIVE, Checker, join, nullable, show
-from .schema import ATTENTION
+from .manifest_types import DTYPE, LIST, NAME, NAMES, OBJECT, POSITIVE, Checker, join, nullable, show
+from .schema import ATTENTION, POSITIONS, POSITIONS_2D
 
 # The dtype the runtime gives each embed/decoder tensor role ("embeds": pipeline.embeds_dtype, "kv":
 # kv_cache.dtype); image_mask is fed in the dtype the manifest declares, outputs are cast as read.
 FED = {"token_ids": "int64", "hidden": "embeds", "positions": "int64", "valid_mask": "float32",
-       "logits_index": "int64", "prefix_length": "int64", "past_kv": "kv", "past_key": "kv", "past_value": "kv"}
+       "logits_index": "int64", "prefix_length": "int64", "positions_2d": "int64", "past_kv": "kv", "past_key": "kv",
+       "past_value": "kv"}
 # The dim names the runtime picks, by role and axis: a dim there is static or this gear dim.
 AXES = {"token_ids": ("batch", "seq"), "embeds": ("batch", "seq"), "hidden": ("batch", "seq"),
-        "positions": ("batch", "seq"), "valid_mask": ("batch", "cache"), "logits": ("batch",),
+        "positions": ("batch", "seq"), "positions_2d": ("batch", None, "seq"),  # None: axis 1 is 2 (_two_d)
+        "valid_mask": ("batch", "cache"), "logits": ("batch",),
         "logits_index": ("batch",), "prefix_length": ("batch",), "image_mask": ("batch", "seq")}
-RANKS = {"token_ids": (2,), "embeds": (3,), "hidden": (3,), "positions": (2,), "valid_mask": (2,),
-         "logits_index": (1,), "prefix_length": (1,), "image_mask": (2,), "logits": (2, 3), "past_kv": (6,),
+RANKS = {"token_ids": (2,), "embeds": (3,), "hidden": (3,), "positions": (2,), "positions_2d": (3,),
+         "valid_mask": (2,), "logits_index": (1,), "prefix_length": (1,), "image_mask": (2,), "logits": (2, 3),
+         "past_kv": (6,),
          "present_kv": (6,), "past_key": (4,), "past_value": (4,), "present_key": (4,), "present_value": (4,)}
 # A cache tensor's dims: ints from kv_cache ("layers": the group's), names the gear dims it takes.
 CACHE_DIMS = {"past_kv": ("layers", 2, "batch", "kv_heads", "cache", "head_dim"),
@@ -38,6 +41,7 @@ def check_pipeline(c: Checker, pipe: dict, declared: dict, graphs: dict, kv, tok
     if attention is not None and attention not in ATTENTION:
         c.bad("pipeline.attention", f"names attention kind '{attention}', which this runtime does not know "
                                     f"({', '.join(ATTENTION)}); upgrade vlm2om")
+    kind = _positions(c, pipe, attention)
     hidden = c.get(pipe, "hidden_size", "pipeline", POSITIVE)
     embeds_dtype = c.get(pipe, "embeds_dtype", "pipeline", DTYPE)
     c.get(pipe, "image_tokens", "pipeline", nullable(POSITIVE), required=False)
@@ -56,6 +60,38 @@ def check_pipeline(c: Checker, pipe: dict, declared: dict, graphs: dict, kv, tok
     kv_ok = isinstance(kv, dict) and _kv_cache(c, kv, decoders)
     if embed in graphs and decoders and all(n in graphs for n in decoders) and kv_ok and not c.problems:
         _decoder(c, graphs, embed, decoders, kv, {"embeds": embeds_dtype, "kv": kv["dtype"]}, hidden, tokenizer)
+        _two_d(c, graphs, decoders, kind)
+
+
+def _positions(c: Checker, pipe: dict, attention) -> str | None:
+    """``pipeline.positions.kind`` (default linear); a 2-D kind reads each row's context length,
+    which only a prefix-LM prefill (one chunk per context) fixes."""
+    positions = c.get(pipe, "positions", "pipeline", OBJECT, required=False)
+    if positions is None:
+        return None if "positions" in pipe else "linear"
+    kind = c.get(positions, "kind", "pipeline.positions", NAME)
+    if kind is not None and kind not in POSITIONS:
+        c.bad("pipeline.positions.kind", f"names positions kind '{kind}', which this runtime does not know "
+                                         f"({', '.join(POSITIONS)}); upgrade vlm2om")
+        return None
+    if kind in POSITIONS_2D and attention != "prefix_lm":
+        c.bad("pipeline.positions.kind", f"is '{kind}', which counts from each row's context, but "
+                                         f"pipeline.attention is {show(attention or 'causal')}, not 'prefix_lm'")
+    return kind
+
+
+def _two_d(c: Checker, graphs: dict, decoders: list[str], kind: str | None) -> None:
+    """A positions_2d input has two position rows, and the positions kind computes them."""
+    for name in decoders:
+        for j, spec in enumerate(graphs[name]["inputs"]):
+            if spec.get("role") != "positions_2d":
+                continue
+            where = join(join(join("graphs", name), "inputs"), j)
+            if len(spec["shape"]) == 3 and spec["shape"][1] != 2:
+                c.bad(join(join(where, "shape"), 1), f"is {show(spec['shape'][1])}, but positions_2d holds 2 rows")
+            if kind is not None and kind not in POSITIONS_2D:
+                c.bad(where, f"('{spec['name']}') has role positions_2d, but pipeline.positions.kind "
+                             f"'{kind}' computes no 2-D positions ({', '.join(POSITIONS_2D)} do)")
 
 
 def _image_chain(c: Checker, pipe: dict, image: list[str], graphs: dict, hidden) -> None:
@@ -174,7 +210,7 @@ def _each(c: Checker, found: dict, dtypes: dict, hidden: int, outputs: bool = Fa
                                             f"{' or '.join(map(str, RANKS[role]))}")
                 continue
             for axis, dim in enumerate(AXES.get(role, ())):
-                if isinstance(shape[axis], str) and shape[axis] != dim:
+                if dim is not None and isinstance(shape[axis], str) and shape[axis] != dim:
                     c.bad(join(join(where, "shape"), axis), f"is gear dim '{shape[axis]}', but the runtime pads axis "
                                                             f"{axis} of '{role}' to the '{dim}' gear: name it '{dim}'")
             if role in ("hidden", "embeds", "logits") and not isinstance(shape[-1], int):

@@ -6,6 +6,9 @@ Version 2 (this vlm2om) declares what version 1 left to literal names and one as
 * every embed/decoder graph input and output carries a ``role`` (``hidden``, ``positions``,
   ``valid_mask``, ``past_kv``, ``logits_index``, ...), and the runtime builds feeds by role;
 * ``pipeline.attention``: ``causal``, or ``prefix_lm`` (the context sees itself both ways);
+* ``pipeline.positions.kind``: how positions are computed, ``linear`` (the default: each token's
+  index) or ``glm_2d`` (ChatGLM's [position, block position] pairs from the index and the row's
+  prefix length, fed to a ``positions_2d`` input);
 * ``pipeline.image_input`` / ``image_output``: where the image chain starts and ends (tensors
   between image graphs are matched by name, so a graph may pass on more than one);
   ``image_tokens`` may be null for encoders whose token count varies with the image;
@@ -23,6 +26,9 @@ from .errors import BundleError
 SCHEMA_VERSION = 2
 READABLE = (1, 2)
 ATTENTION = ("causal", "prefix_lm")
+# pipeline.positions.kind: how the runtime computes the positions it feeds (runtime/decoder.py).
+POSITIONS = ("linear", "glm_2d")
+POSITIONS_2D = ("glm_2d",)  # the kinds that compute a positions_2d input (from each row's context length)
 # Schema 1 manifests name the FastChat separator style instead of a prompt kind.
 V1_PROMPT_STYLES = {"single": "fastchat_single", "two": "fastchat_two"}
 # The literal tensor names of version 1's embed and decoder graphs, and the role each played.
