@@ -49,7 +49,11 @@ PROMPT_COMMON = {"system": (TEXT, True), "sep": (TEXT, True), "roles": (Kind("tw
     "answer_split": (nullable(TEXT), False),
     "specials": (Kind("an object of token text -> id", lambda v: isinstance(v, dict) and all(
         k and COUNT.ok(i) for k, i in v.items())), False)}
-PROMPT_FIELDS = {"fastchat_single": PROMPT_COMMON, "fastchat_two": {**PROMPT_COMMON, "sep2": (TEXT, True)}}
+PROMPT_FIELDS = {"fastchat_single": PROMPT_COMMON, "fastchat_two": {**PROMPT_COMMON, "sep2": (TEXT, True)},
+                 "glm_qa": {"roles": PROMPT_COMMON["roles"], "sep": (TEXT, True), "image_open": (TEXT, True),
+                            "image_close": (TEXT, True), "suffix": (TEXTS, True),
+                            "answer_split": (nullable(TEXT), False), "stop_strings": (TEXTS, False),
+                            "hf_cleanup": (BOOL, False)}}
 GENERATION = {"max_new_tokens": POSITIVE, "min_new_tokens": COUNT, "do_sample": BOOL, "temperature": NUMBER,
               "top_p": NUMBER, "top_k": COUNT, "repetition_penalty": NUMBER, "seed": nullable(COUNT),
               "stop_on_eos": BOOL, "stop_strings": nullable(TEXTS)}
@@ -213,6 +217,9 @@ def _tokenizer(c: Checker, t: dict, files: set[str]) -> None:
     eos = c.get(t, "eos_ids", "tokenizer", LIST)
     if eos is not None and (not eos or not all(COUNT.ok(i) for i in eos)):
         c.bad("tokenizer.eos_ids", f"must be a non-empty list of token ids, got {show(eos)}")
+    if t.get("kind") == "chatglm_sentencepiece":
+        c.get(t, "id_offset", "tokenizer", COUNT)
+        c.get(t, "max_blank", "tokenizer", POSITIVE, required=False)
 
 
 def _prompt(c: Checker, prompt: dict) -> None:

@@ -1,4 +1,5 @@
-"""SentencePiece tokenizer (LLaMA's ``tokenizer.model``) with incremental detokenization."""
+"""SentencePiece tokenizer (LLaMA's ``tokenizer.model``) with incremental detokenization; the
+manifest's tokenizer kind picks it or ChatGLM's (``chatglm_tokenizer``)."""
 from __future__ import annotations
 
 import codecs
@@ -19,8 +20,13 @@ class SentencePieceTokenizer:
         self.bos_id, self.eos_id = bos_id, eos_id
 
     @classmethod
-    def from_manifest(cls, bundle) -> "SentencePieceTokenizer":
+    def from_manifest(cls, bundle):
+        """The tokenizer the manifest's entry names: this class for ``sentencepiece``, ChatGLM's
+        rules over SentencePiece for ``chatglm_sentencepiece``."""
         t = bundle.manifest["tokenizer"]
+        if t["kind"] == "chatglm_sentencepiece":
+            from .chatglm_tokenizer import ChatGLMTokenizer
+            return ChatGLMTokenizer.from_entry(bundle.path(t["file"]), t)
         if t["kind"] != "sentencepiece":
             raise BundleError(f"tokenizer kind '{t['kind']}' is not supported by this runtime")
         return cls(bundle.path(t["file"]), t["bos_id"], t["eos_id"])

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 
 from ..errors import BundleError
 from .fastchat import FastChatSingle, FastChatTwo, PromptKind
+from .glm import GLMQA
 
-KINDS: dict[str, type[PromptKind]] = {"fastchat_single": FastChatSingle, "fastchat_two": FastChatTwo}
+KINDS: dict[str, type] = {"fastchat_single": FastChatSingle, "fastchat_two": FastChatTwo, "glm_qa": GLMQA}
 
 
-def prompt_kind(spec: dict) -> PromptKind:
+def prompt_kind(spec: dict):
     """The kind the manifest's prompt entry names (a schema 1 entry is upgraded when the bundle opens)."""
     name = spec.get("kind")
     if name not in KINDS:

@@ -212,3 +212,17 @@ def test_a_gear_dim_with_one_value_may_be_static_in_the_file():
     # OM files: dtypes unknown, gear dims reported at a value, outputs possibly flat
     assert io_problems("output", [_spec("x", (1, "seq", 4))], [FileTensor("o", None, (64,))], one,
                        by_name=False, ranks_may_differ=True, strict_gears=False) == []
+
+
+def test_the_chatglm_tokenizer_and_glm_prompt_entries_are_checked(manifest):
+    m = copy.deepcopy(manifest)
+    m["tokenizer"].update(kind="chatglm_sentencepiece", max_blank=0)
+    m["prompt"] = {"kind": "glm_qa", "roles": ["问：", "答："], "sep": "\n", "image_close": "</img>",
+                   "suffix": ["[gMASK]", "<sop>"]}
+    problems = manifest_problems(m)
+    assert any(p.startswith("tokenizer.id_offset") for p in problems), problems
+    assert any(p.startswith("tokenizer.max_blank") for p in problems), problems
+    assert any(p.startswith("prompt.image_open") for p in problems), problems
+    m["tokenizer"].update(id_offset=0, max_blank=80)
+    m["prompt"]["image_open"] = "<img>"
+    assert manifest_problems(m) == []
