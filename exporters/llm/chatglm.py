@@ -24,6 +24,7 @@ from vlm2om.graphs.common import cast_module, init_random_
 
 from vlm2om.exporters.core.options import Gears
 from vlm2om.exporters.core.subgraph import Subgraph, TensorDecl
+from vlm2om.exporters.llm.embed import embed_subgraph
 from vlm2om.exporters.llm.common import LlmParts, decoder_gears, group_bounds
 
 POSITIONS = {"kind": "glm_2d"}  # runtime/schema.py POSITIONS
@@ -53,16 +54,7 @@ class ChatGLMSpec:
         return self.cfg.hidden
 
     def embed_subgraph(self, build: Callable[[], nn.Module], seq_gears: list[int], dtype: str) -> Subgraph:
-        cfg = self.cfg
-
-        def make(gear, gen):
-            return {"input_ids": torch.randint(0, cfg.vocab_size, (gear["batch"], gear["seq"]), generator=gen)}
-
-        return Subgraph(
-            "embed", build,
-            [TensorDecl("input_ids", "int64", ("batch", "seq"), "token_ids")],
-            [TensorDecl("inputs_embeds", dtype, ("batch", "seq", cfg.hidden), "embeds")],
-            make, [{"batch": 1, "seq": s} for s in seq_gears])
+        return embed_subgraph(build, self.cfg.vocab_size, self.cfg.hidden, seq_gears, dtype)
 
     def group_subgraph(self, index: int, build: Callable[[], nn.Module], bounds: tuple[int, int],
                        seq_gears: list[int], cache_gears: list[int], dtype: str) -> Subgraph:

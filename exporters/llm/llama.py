@@ -20,6 +20,7 @@ from vlm2om.graphs.llama import LlamaConfig, LlamaDecoderGroup, LlamaEmbedding
 from vlm2om.exporters.core.checkpoints import assign
 from vlm2om.exporters.core.options import Gears
 from vlm2om.exporters.core.subgraph import Subgraph, TensorDecl
+from vlm2om.exporters.llm.embed import embed_subgraph
 from vlm2om.exporters.llm.common import LlmParts, decoder_gears, group_bounds
 
 
@@ -37,16 +38,7 @@ class LlamaSpec:
         return self.cfg.hidden
 
     def embed_subgraph(self, build: Callable[[], nn.Module], seq_gears: list[int], dtype: str) -> Subgraph:
-        cfg = self.cfg
-
-        def make(gear, gen):
-            return {"input_ids": torch.randint(0, cfg.vocab_size, (gear["batch"], gear["seq"]), generator=gen)}
-
-        return Subgraph(
-            "embed", build,
-            [TensorDecl("input_ids", "int64", ("batch", "seq"), "token_ids")],
-            [TensorDecl("inputs_embeds", dtype, ("batch", "seq", cfg.hidden), "embeds")],
-            make, [{"batch": 1, "seq": s} for s in seq_gears])
+        return embed_subgraph(build, self.cfg.vocab_size, self.cfg.hidden, seq_gears, dtype)
 
     def group_subgraph(self, index: int, build: Callable[[], nn.Module], bounds: tuple[int, int],
                        seq_gears: list[int], cache_gears: list[int], dtype: str) -> Subgraph:
