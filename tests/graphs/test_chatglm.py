@@ -18,6 +18,7 @@ from torch import nn
 
 from tests.helpers.chatglm_sat import (PAD, build_sat_chatglm, glm_ids, glm_positions, load_into_sat,
                                        round_sat_inv_freq, sat_or_skip)
+from tests.helpers.chatglm_bundle import split_group
 from tests.helpers.hf_weights import close, randomize
 from vlm2om.exporters.ascend.lint import errors, lint_graph
 from vlm2om.exporters.core.onnx_export import export_onnx
@@ -157,17 +158,6 @@ def test_second_chunk_of_answer_tokens_matches_sat():
     record("second chunk logits", close(logits[0, :n2], ref_logits[prompt:], "second chunk", ATOL))
 
 
-def subgroup(cfg: ChatGLMConfig, full: ChatGLMDecoderGroup, start: int, stop: int) -> ChatGLMDecoderGroup:
-    """A group [start, stop) with the weights of those layers of ``full``."""
-    g = ChatGLMDecoderGroup(cfg, start, stop)
-    for i, layer in enumerate(g.layers):
-        layer.load_state_dict(full.layers[start + i].state_dict())
-    if g.is_last:
-        g.final_layernorm.load_state_dict(full.final_layernorm.state_dict())
-        g.lm_head.load_state_dict(full.lm_head.state_dict())
-    return g.eval()
-
-
 @torch.no_grad()
 def test_groups_chain_like_one_group():
     cfg = ChatGLMConfig(**TINY)
@@ -177,7 +167,7 @@ def test_groups_chain_like_one_group():
     pos = torch.stack([glm_positions(4, S), glm_positions(3, S)])
     logits, *present = full(h, pos, *cache_args(cfg, B, cfg.layers))
     for k in range(1, cfg.layers):
-        head, tail = subgroup(cfg, full, 0, k), subgroup(cfg, full, k, cfg.layers)
+        head, tail = split_group(cfg, full, [(0, k), (k, cfg.layers)])
         assert [layer.attention.coeff for layer in tail.layers] == [float(i + 1) for i in range(k, cfg.layers)]
         mid, *kv1 = head(h, pos, *cache_args(cfg, B, k))
         out, *kv2 = tail(mid, pos, *cache_args(cfg, B, cfg.layers - k))
