@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import BundleError, InputError
 from .gears import dim_values, plan_chunks, select_gear
+from .kv_arena import ArenaPool
 from .kv_cache import KVCache
 from .schema import ATTENTION, POSITIONS
 
@@ -108,6 +109,7 @@ class Decoder:
             raise BundleError(f"the decoder graphs take positions_2d, but positions kind '{kind}' gives none")
         self.hidden = pipe["hidden_size"]
         self.embed_dtype = np.dtype(pipe["embeds_dtype"])
+        self.kv_pool: ArenaPool | None = None  # made by the first new_cache
 
     @property
     def reuses_prefix(self) -> bool:
@@ -128,9 +130,14 @@ class Decoder:
         return sorted(both)
 
     def new_cache(self, batch: int = 1) -> KVCache:
+        """An empty cache whose buffers come from this decoder's arena pool (runtime/kv_arena.py),
+        which keeps the arenas of one cache at the largest capacity and batch gears."""
         kv = self.kv
+        if self.kv_pool is None:
+            slots = sum(kv["group_layers"]) * 2 * max(self.batch_gears) * kv["kv_heads"] * max(kv["capacity_gears"])
+            self.kv_pool = ArenaPool(slots * kv["head_dim"] * np.dtype(kv["dtype"]).itemsize)
         return KVCache(kv["group_layers"], kv["kv_heads"], kv["head_dim"], kv["dtype"], kv["capacity_gears"],
-                       batch=batch, kind=kv.get("kind", "stacked"))
+                       batch=batch, kind=kv.get("kind", "stacked"), pool=self.kv_pool)
 
     def embed(self, ids: list[int]) -> np.ndarray:
         """Token ids -> embeddings [n, H], in chunks padded to the embed graph's seq gears."""

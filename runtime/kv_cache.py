@@ -9,21 +9,25 @@ The manifest's ``kv_cache`` entry says how the decoder graphs take the cache:
   copy of the whole cache every step on onnxruntime).
 
 Either way the capacity is the second-to-last axis, plus one validity mask ``[batch, capacity]``.
-Writes touch only the new tokens' slots; a buffer is reallocated (copied once) only when the
-sequence outgrows its capacity gear.
+Writes touch only the new tokens' slots; the buffers are moved to the next capacity gear (one
+copy, inside the same arena: kv_arena.py) only when the sequence outgrows its gear. Outside the
+slots written, a buffer holds zeros.
 """
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 
 from .errors import InputError
+from .kv_arena import ArenaPool, grow, view
 
 KINDS = ("stacked", "per_layer")
 
 
 class KVCache:
     def __init__(self, group_layers: list[int], kv_heads: int, head_dim: int, dtype: str,
-                 capacity_gears: list[int], batch: int = 1, kind: str = "stacked"):
+                 capacity_gears: list[int], batch: int = 1, kind: str = "stacked", pool: ArenaPool | None = None):
         self.group_layers, self.kind = group_layers, kind
         self.shape_tail = (kv_heads, head_dim)
         self.dtype = np.dtype(dtype)
@@ -31,7 +35,17 @@ class KVCache:
         self.batch = batch
         self.length = 0
         self.prefix = np.zeros(batch, np.int64)  # context length per row (prefix-LM attention)
+        self._arenas(pool or ArenaPool(0))
         self._alloc(self.gears[0])
+
+    def _arenas(self, pool: ArenaPool) -> None:
+        """One arena per buffer, for the largest gear; they go back to ``pool`` with this cache."""
+        self.pool, self.arena, stale = pool, {}, []
+        for k in self.keys:
+            self.arena[k], dirty = pool.take(int(np.prod(self._shape(k, self.gears[-1]))), self.dtype)
+            stale.append(dirty)
+        self._stale = any(stale)
+        weakref.finalize(self, pool.give, list(self.arena.values()))
 
     @property
     def keys(self) -> list[tuple[str, int]]:
@@ -51,7 +65,11 @@ class KVCache:
         return 2 if key[0] == "kv" else 0
 
     def _alloc(self, capacity: int) -> None:
-        self.arrays = {k: np.zeros(self._shape(k, capacity), self.dtype) for k in self.keys}
+        """Empty buffers of ``capacity`` (an arena from the pool may hold an earlier cache's values)."""
+        self.arrays = {k: view(self.arena[k], self._shape(k, capacity)) for k in self.keys}
+        if self._stale:
+            for a in self.arrays.values():
+                a.fill(0)
         self.mask = np.zeros((self.batch, capacity), np.float32)
         self.capacity = capacity
 
@@ -67,11 +85,11 @@ class KVCache:
         if not bigger:
             raise InputError(f"sequence of {total} tokens exceeds the largest cache gear "
                              f"({self.max_capacity}); re-export with larger --cache-gears")
-        old, old_mask, n = self.arrays, self.mask, self.length
-        self._alloc(bigger[0])
-        for k, new in self.arrays.items():
-            new[..., :n, :] = old[k][..., :n, :]
-        self.mask[:, :n] = old_mask[:, :n]
+        capacity, n = bigger[0], self.length
+        self.arrays = {k: grow(self.arena[k], a, self._shape(k, capacity), n) for k, a in self.arrays.items()}
+        mask = np.zeros((self.batch, capacity), np.float32)
+        mask[:, :n] = self.mask[:, :n]
+        self.mask, self.capacity = mask, capacity
 
     def append(self, presents: dict[tuple[str, int], np.ndarray], count: int, valid: np.ndarray | None = None) -> None:
         """Write the first ``count`` new positions of every buffer's present tensor; ``valid``
@@ -90,6 +108,7 @@ class KVCache:
         out.gears, out.batch, out.length = self.gears, batch, self.length
         out.prefix = np.zeros(batch, np.int64)
         out.prefix[:len(rows)] = self.prefix[rows]
+        out._arenas(self.pool)
         out._alloc(self.capacity)
         n = self.length
         for k, new in out.arrays.items():

@@ -62,3 +62,41 @@ def test_per_layer_cache_holds_what_the_stacked_one_holds():
     whole = np.concatenate([small_s.arrays[("kv", 0)], small_s.arrays[("kv", 1)]])
     for (what, layer), arr in small_l.arrays.items():
         np.testing.assert_array_equal(arr, whole[layer, int(what == "value")])
+
+
+def test_arena_growth_keeps_contents_and_zeros_the_rest():
+    """A growth moves every row within its arena (rows last to first); a later cache from the same
+    pool sees zeros where the earlier one wrote, and the pool keeps at most its limit."""
+    import gc
+
+    from vlm2om.runtime.kv_arena import ArenaPool
+
+    rng = np.random.default_rng(2)
+    pool = ArenaPool()
+    for kind in ("stacked", "per_layer"):
+        c = KVCache([2, 1], 3, 4, "float32", [4, 8, 16], batch=2, kind=kind, pool=pool)
+        first = {k: rng.normal(size=a.shape[:-2] + (3, 4)).astype(np.float32) for k, a in c.arrays.items()}
+        c.append(first, 3)
+        for total in (6, 13):
+            c.reserve(total)
+            for k, a in c.arrays.items():
+                assert a.flags.c_contiguous and a.shape[-2] == c.capacity
+                np.testing.assert_array_equal(a[..., :3, :], first[k])
+                assert not a[..., 3:, :].any()
+        assert c.capacity == 16
+        del c
+        gc.collect()  # its arenas go back to the pool
+        assert pool.kept_bytes > 0
+        again = KVCache([2, 1], 3, 4, "float32", [4, 8, 16], batch=2, kind=kind, pool=pool)
+        assert all(not a.any() for a in again.arrays.values())
+        again.reserve(16)
+        assert all(not a.any() for a in again.arrays.values())
+        del again
+        gc.collect()
+    small = ArenaPool(limit_bytes=100)
+    small.give([np.zeros(10, np.float32), np.zeros(30, np.float32), np.zeros(20, np.float32)])
+    assert small.kept_bytes == 80  # largest first within 100 bytes: 30 elements (120 B) never fit, 20 do, 10 no longer
+    arena, stale = small.take(15, np.dtype(np.float32))
+    assert arena.size == 20 and stale and small.kept_bytes == 0
+    fresh, stale = small.take(40, np.dtype(np.float32))
+    assert fresh.size == 40 and not stale and not fresh.any()
