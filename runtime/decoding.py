@@ -52,6 +52,8 @@ class Sequence:
             return self._finish("stop")
         if len(self.res.tokens) >= self.cfg.max_new_tokens:
             return self._finish("length")
+        if self.cfg.max_length is not None and self.res.prompt_tokens + len(self.res.tokens) >= self.cfg.max_length:
+            return self._finish("length")
         if cache_full:
             return self._finish("cache_full")
         return token

@@ -25,6 +25,11 @@ class GenerationConfig:
     seed: int | None = None
     stop_on_eos: bool = True
     stop_strings: tuple[str, ...] | None = None  # None: the bundle's own
+    # Prompt and answer positions together at most (ChatGLM's ``max_length``); None: no such cap.
+    max_length: int | None = None
+    # ChatGLM's InvalidScoreLogitsProcessor: logits holding a NaN or an inf become zeros with 5e4 at
+    # this id (the model chooses it) before anything else; None: no guard.
+    invalid_score_token: int | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -41,6 +46,10 @@ class GenerationConfig:
                 raise InputError(f"{name} must be a finite, normal number, got {value}")
         if self.seed is not None and self.seed < 0:
             raise InputError(f"seed must be >= 0, got {self.seed}")
+        if self.max_length is not None and self.max_length < 2:
+            raise InputError(f"max_length must be >= 2, got {self.max_length}")
+        if self.invalid_score_token is not None and self.invalid_score_token < 0:
+            raise InputError(f"invalid_score_token must be a token id >= 0, got {self.invalid_score_token}")
 
     @classmethod
     def from_manifest(cls, entry: dict, **overrides) -> "GenerationConfig":
@@ -70,6 +79,9 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray) -> int:
         cfg, scores = self.config, logits.astype(np.float64, copy=True)
+        if cfg.invalid_score_token is not None and not np.isfinite(scores).all():
+            scores[:] = 0.0
+            scores[cfg.invalid_score_token] = 5e4
         if len(self.generated) < cfg.min_new_tokens:
             scores[list(self.eos_ids)] = -np.inf
         if cfg.repetition_penalty != 1.0 and self.generated:

@@ -56,7 +56,8 @@ PROMPT_FIELDS = {"fastchat_single": PROMPT_COMMON, "fastchat_two": {**PROMPT_COM
                             "hf_cleanup": (BOOL, False)}}
 GENERATION = {"max_new_tokens": POSITIVE, "min_new_tokens": COUNT, "do_sample": BOOL, "temperature": NUMBER,
               "top_p": NUMBER, "top_k": COUNT, "repetition_penalty": NUMBER, "seed": nullable(COUNT),
-              "stop_on_eos": BOOL, "stop_strings": nullable(TEXTS)}
+              "stop_on_eos": BOOL, "stop_strings": nullable(TEXTS), "max_length": nullable(POSITIVE),
+              "invalid_score_token": nullable(COUNT)}
 INSIDE = Kind("a relative path inside the bundle folder", lambda v: isinstance(v, str) and _inside(v))
 
 

@@ -96,3 +96,34 @@ def test_a_bad_generation_entry_is_the_bundles_fault_and_an_override_the_users()
     assert GenerationConfig.from_manifest({"top_p": 0.9}, top_p=None, seed=3) == GenerationConfig(top_p=0.9, seed=3)
     with pytest.raises(InputError, match="top_p must be in"):
         GenerationConfig.from_manifest({"top_p": 0.9}, top_p=2.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_invalid_score_guard_as_chatglm(bad):
+    """ChatGLM's InvalidScoreLogitsProcessor (values worked out by hand): any NaN or inf makes the
+    scores zeros with 5e4 at id 5, so greedy and sampling both choose 5; finite logits pass as they are."""
+    logits = np.array([0.0, 3.0, 1.0, bad, 2.0, -1.0, 0.5])
+    for cfg in (GenerationConfig(invalid_score_token=5),
+                GenerationConfig(invalid_score_token=5, do_sample=True, top_k=3, top_p=0.7, seed=0)):
+        assert Sampler(cfg, eos_ids=(2,))(logits) == 5
+    assert Sampler(GenerationConfig(invalid_score_token=5), eos_ids=(2,))(np.array([0.0, 3.0, 1.0])) == 1
+    assert Sampler(GenerationConfig(), eos_ids=(2,))(np.array([0.0, 3.0, 1.0, float("-inf")])) == 1  # no guard
+
+
+def test_max_length_counts_the_prompt():
+    """ChatGLM's max_length: prompt + answer positions; 10 prompt positions and max_length 13 leave 3."""
+    from vlm2om.runtime.decoding import Answer, Sequence
+
+    class Tok:
+        def stream(self):
+            return self
+
+        def push(self, token):
+            return "x"
+
+    cfg = GenerationConfig(max_new_tokens=50, max_length=13, stop_on_eos=False)
+    seq = Sequence(cfg, (2,), (), Tok(), Answer(prompt_tokens=10))
+    steps = [seq.take(np.array([0.0, 1.0, 0.0]), False) for _ in range(3)]
+    assert steps == [1, 1, None] and seq.res.finish_reason == "length" and len(seq.res.tokens) == 3
+    with pytest.raises(InputError, match="max_length"):
+        GenerationConfig(max_length=1)
