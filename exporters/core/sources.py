@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Iterable, Mapping, Protocol
 
@@ -40,7 +41,9 @@ def load_pickle(path: str | Path) -> object:
     with open(path, "rb") as fh:
         is_zip = fh.read(4) == b"PK\x03\x04"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        with warnings.catch_warnings():  # torch warns of a damaged file's "pickle protocol"; ours says it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as err:
         if "global" in str(err).lower():  # a class or function the weights-only unpickler refuses
             raise CheckpointError(
