@@ -10,10 +10,11 @@ per head), 2-D rotary positions and the prefix-LM mask. One group's graph::
                                     on has the [gMASK] index); row 1: block positions (0 in the
                                     context, 1, 2, ... from <sop> on)
     attention_mask [B, C]    float  1 where a cache slot holds a valid past token, else 0
-    past_key_i, past_value_i [B, heads, C, D]   per layer, keys after RoPE
+    past_kv [L, 2, B, heads, C, D]   the group's keys (after RoPE) and values (or, kv_layout
+                                    per_layer: past_key_i, past_value_i [B, heads, C, D])
  (last group) logits_index [B] int64  the one new position per row whose logits are wanted
  -> hidden_states [B, S, H] | logits [B, V] float32 (last group)
-    present_key_i, present_value_i [B, heads, S, D]   the S new tokens only
+    present_kv [L, 2, B, heads, S, D]   the S new tokens only (per_layer: present_key_i, present_value_i)
 
 The prefix-LM mask needs no input of its own: ChatGLM derives its block positions and its mask
 from the same context length, and a new token j is visible to a new token i exactly when
@@ -36,8 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .common import LayerNorm32
-from .llama import rotate_half_matrix
+from .common import LayerNorm32, group_cache
+from .llama import KV_LAYOUTS, rotate_half_matrix
 
 # How the RoPE table is rounded: "fp32" (SwissArmyTransformer 0.4.12: its inv_freq.half() is
 # commented out), "fp16_inv_freq" (modeling_chatglm.py's inv_freq.half() with fp32 angles: the HF
@@ -194,17 +195,20 @@ class ChatGLMEmbedding(nn.Module):
 class ChatGLMDecoderGroup(nn.Module):
     """Layers ``[start, stop)``; the group that ends the model adds final_layernorm and lm_head.
 
-    The cache is per layer (``past_key_i``, ``past_value_i`` in, ``present_key_i``,
-    ``present_value_i`` out), the layout the issue asks for; parameter names mirror the HF
-    checkpoint under ``layers.{i - start}``."""
+    ``kv_layout`` as the Llama groups' (graphs/llama.py): ``stacked`` takes the group's cache as one
+    ``past_kv`` [L, 2, B, heads, C, D] and returns one ``present_kv`` (four dynamic dims per ATC
+    gear whatever the group's size); ``per_layer`` takes ``past_key_i``, ``past_value_i`` and
+    returns ``present_key_i``, ``present_value_i`` (no split of the cache on onnxruntime; two
+    dynamic cache dims per layer). Parameter names mirror the HF checkpoint under ``layers.{i - start}``."""
 
-    kv_layout = "per_layer"
-
-    def __init__(self, cfg: ChatGLMConfig, start: int, stop: int, rope_length: int | None = None):
+    def __init__(self, cfg: ChatGLMConfig, start: int, stop: int, rope_length: int | None = None,
+                 kv_layout: str = "stacked"):
         super().__init__()
         if not 0 <= start < stop <= cfg.layers:
             raise ValueError(f"layer group [{start}, {stop}) is outside 0..{cfg.layers}")
-        self.cfg, self.start, self.stop = cfg, start, stop
+        if kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout {kv_layout!r}: choose one of {KV_LAYOUTS}")
+        self.cfg, self.start, self.stop, self.kv_layout = cfg, start, stop, kv_layout
         self.layers = nn.ModuleList(GLMBlock(cfg, layer_id) for layer_id in range(start, stop))
         self.is_last = stop == cfg.layers
         if self.is_last:
@@ -221,11 +225,10 @@ class ChatGLMDecoderGroup(nn.Module):
         self.register_buffer("rope_rot", rotate_halves_matrix(cfg.head_dim), persistent=False)
 
     def forward(self, hidden_states, position_ids, attention_mask, *cache, logits_index=None):
-        """``cache``: ``past_key_0, past_value_0, ...``, then ``logits_index`` for the last group;
-        without it (the torch reference) the logits of every position [B, S, V]."""
-        n = len(self.layers)
-        if len(cache) > 2 * n:
-            logits_index = cache[2 * n]
+        """``cache``: ``past_kv`` (stacked) or ``past_key_0, past_value_0, ...`` (per layer), then
+        ``logits_index`` for the last group; without it (the torch reference) the logits of every
+        position [B, S, V]."""
+        past, logits_index = group_cache(cache, len(self.layers), self.kv_layout, logits_index)
         dtype = hidden_states.dtype
         pos, block = position_ids[:, 0], position_ids[:, 1]  # [B, S] each
         # The first half of each head turns with the position, the second with the block position.
@@ -237,12 +240,12 @@ class ChatGLMDecoderGroup(nn.Module):
         dims = (hidden_states.shape[0], hidden_states.shape[1], attention_mask.shape[1])
         x, present = hidden_states, []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, rope, past_ok, new_ok, cache[2 * i], cache[2 * i + 1], dims)
-            present += [k, v]
+            x, k, v = layer(x, rope, past_ok, new_ok, past[2 * i], past[2 * i + 1], dims)
+            present += [torch.stack([k, v])] if self.kv_layout == "stacked" else [k, v]
         if self.is_last:
             if logits_index is not None:
                 x = x.gather(1, logits_index[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]
             x = self.lm_head(self.final_layernorm(x))
             if x.dtype != torch.float32:  # fp32 logits: no fp16 ties at the argmax
                 x = x.float()
-        return (x, *present)
+        return (x, torch.stack(present)) if self.kv_layout == "stacked" else (x, *present)

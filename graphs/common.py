@@ -65,3 +65,14 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """[B, heads, T, D] -> [B, T, heads*D]."""
     return x.transpose(1, 2).flatten(2)
+
+
+def group_cache(cache: tuple, layers: int, kv_layout: str, logits_index=None):
+    """A decoder group's ``*cache`` arguments as (past key and value per layer, logits_index):
+    ``stacked`` passes one ``past_kv`` [L, 2, ...] (split here, one Split in the graph),
+    ``per_layer`` ``past_key_0, past_value_0, ...``; the last group's ``logits_index`` follows."""
+    stacked = kv_layout == "stacked"
+    extra = cache[1:] if stacked else cache[2 * layers:]
+    past = cache[0].flatten(0, 1).unbind(0) if stacked else cache[:2 * layers]
+    return past, (extra[0] if extra else logits_index)
+

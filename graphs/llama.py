@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .common import group_cache
+
 
 
 @dataclass(frozen=True)
@@ -209,10 +211,7 @@ class LlamaDecoderGroup(nn.Module):
         """``cache``: ``past_kv`` (stacked) or ``past_key_0, past_value_0, ...`` (per layer), then
         ``logits_index`` for the last group; without it (the torch reference) the logits of every
         position [B, S, V]."""
-        n, stacked = len(self.layers), self.kv_layout == "stacked"
-        extra = cache[1:] if stacked else cache[2 * n:]
-        if extra:
-            logits_index = extra[0]
+        past, logits_index = group_cache(cache, len(self.layers), self.kv_layout, logits_index)
         dtype = hidden_states.dtype
         cos = self.rope_cos[position_ids].unsqueeze(1).to(dtype)  # [B, 1, S, D]
         sin = self.rope_sin[position_ids].unsqueeze(1).to(dtype)
@@ -222,15 +221,14 @@ class LlamaDecoderGroup(nn.Module):
         bias_new = torch.where((position_ids[:, None, :] <= position_ids[:, :, None]).unsqueeze(1), zero, neg)
         rope = (cos, sin, self.rope_rot.to(dtype))
         dims = (hidden_states.shape[0], hidden_states.shape[1], attention_mask.shape[1])
-        past = cache[0].flatten(0, 1).unbind(0) if stacked else cache[:2 * n]  # stacked: one Split of the cache
         x, present = hidden_states, []
         for i, layer in enumerate(self.layers):
             x, k, v = layer(x, rope, bias_past, bias_new, past[2 * i], past[2 * i + 1], dims)
-            present += [torch.stack([k, v])] if stacked else [k, v]
+            present += [torch.stack([k, v])] if self.kv_layout == "stacked" else [k, v]
         if self.is_last:
             if logits_index is not None:
                 x = x.gather(1, logits_index[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]
             x = self.lm_head(self.norm(x))
             if x.dtype != torch.float32:  # fp32 logits: no fp16 ties at the argmax (no op traced in fp32)
                 x = x.float()
-        return (x, torch.stack(present)) if stacked else (x, *present)
+        return (x, torch.stack(present)) if self.kv_layout == "stacked" else (x, *present)

@@ -2,8 +2,8 @@
 
 Graphs: ``embed`` input_ids -> inputs_embeds (word embeddings only), and ``decoder_N`` layer
 groups taking hidden states, the 2-D positions [B, 2, S] (row 0 positions, row 1 block
-positions), the cache's validity mask and one key and one value cache per layer (ChatGLM's cache
-is always per layer), the last group also ``logits_index``. Attention is ``prefix_lm``: the
+positions), the cache's validity mask and the group's cache (stacked, or per layer as
+``--kv-layout per_layer`` asks: the Llama kind's two layouts), the last group also ``logits_index``. Attention is ``prefix_lm``: the
 context ([..., gMASK, <sop>]) sees itself both ways, so it is prefilled in one chunk.
 
 The graphs take the 2-D positions as an input of role ``positions_2d``; the runtime computes them
@@ -13,7 +13,7 @@ under a family name.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -25,9 +25,21 @@ from vlm2om.graphs.common import cast_module, init_random_
 from vlm2om.exporters.core.options import Gears
 from vlm2om.exporters.core.subgraph import Subgraph, TensorDecl
 from vlm2om.exporters.llm.embed import embed_subgraph
-from vlm2om.exporters.llm.common import LlmParts, decoder_gears, group_bounds
+from vlm2om.exporters.llm.common import LlmParts, decoder_gears, group_bounds, kv_decls, kv_feed, kv_manifest
 
 POSITIONS = {"kind": "glm_2d"}  # runtime/schema.py POSITIONS
+# ChatGLM-6B's special pieces (tokenization_chatglm.py); the manifest names them, the ids follow the
+# tokenizer (the real ice_text.model: [MASK] 130000, [gMASK] 130001, <sop> 130004, <eop> 130005).
+SPECIAL_TOKENS = {"bos": "<sop>", "eos": "<eop>", "mask": "[MASK]", "gmask": "[gMASK]", "pad": "<pad>"}
+
+
+def tokenizer_entry(bos_id: int, eos_id: int, id_offset: int = 0, max_blank: int = 80) -> dict:
+    """The manifest's ``tokenizer`` entry for a ChatGLM-6B SentencePiece model (runtime/chatglm_tokenizer.py)."""
+    return {"kind": "chatglm_sentencepiece", "file": "ice_text.model", "bos_id": bos_id, "eos_id": eos_id,
+            "eos_ids": [eos_id], "id_offset": id_offset, "max_blank": max_blank}
+
+
+REAL_TOKENIZER = tokenizer_entry(130004, 130005)
 
 
 def glm_2d_positions(index: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
@@ -45,7 +57,9 @@ def glm_2d_positions(index: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class ChatGLMSpec:
     cfg: ChatGLMConfig
-    kv_layout = "per_layer"  # graphs/chatglm.py ChatGLMDecoderGroup.kv_layout
+    tokenizer: dict = field(default_factory=lambda: dict(REAL_TOKENIZER))  # tokenizer_entry(...)
+    kv_layout: str = "stacked"  # graphs/chatglm.py ChatGLMDecoderGroup.kv_layout
+    special_tokens = SPECIAL_TOKENS
     attention = "prefix_lm"
     positions = POSITIONS
 
@@ -62,7 +76,6 @@ class ChatGLMSpec:
         cfg, (start, stop) = self.cfg, bounds
         n, h, d = stop - start, cfg.heads, cfg.head_dim
         tdtype, last = getattr(torch, dtype), stop == cfg.layers
-        per_layer = [(f"{kind}_{start + j}", kind, start + j) for j in range(n) for kind in ("key", "value")]
 
         def make(gear, gen):
             """A row's prompt ends inside the chunk or before it (then the chunk is answer tokens)."""
@@ -72,38 +85,29 @@ class ChatGLMSpec:
             mask[:, :valid] = 1
             prompt = torch.randint(2, max(3, valid + s + 1), (b,), generator=gen)
             index = valid + torch.arange(s).expand(b, s)
+            past = torch.randn(n, 2, b, h, c, d, generator=gen).to(tdtype)
             return {
                 "hidden_states": torch.randn(b, s, cfg.hidden, generator=gen).to(tdtype),
                 "position_ids": glm_2d_positions(index, prompt),
-                "attention_mask": mask,
-                **{f"past_{name}": torch.randn(b, h, c, d, generator=gen).to(tdtype) for name, _, _ in per_layer},
+                "attention_mask": mask, **kv_feed(self.kv_layout, start, past),
                 **({"logits_index": torch.randint(0, s, (b,), generator=gen)} if last else {}),
             }
 
+        past, presents = kv_decls(self.kv_layout, start, n, h, d, dtype)
         inputs = [TensorDecl("hidden_states", dtype, ("batch", "seq", cfg.hidden), "hidden"),
                   TensorDecl("position_ids", "int64", ("batch", 2, "seq"), "positions_2d"),
-                  TensorDecl("attention_mask", "float32", ("batch", "cache"), "valid_mask"),
-                  *(TensorDecl(f"past_{name}", dtype, ("batch", h, "cache", d), f"past_{kind}", layer)
-                    for name, kind, layer in per_layer)]
+                  TensorDecl("attention_mask", "float32", ("batch", "cache"), "valid_mask"), *past]
         if last:
             inputs.append(TensorDecl("logits_index", "int64", ("batch",), "logits_index"))
         out = TensorDecl("logits", "float32", ("batch", cfg.vocab_size), "logits") if last else \
             TensorDecl("hidden_states_out", dtype, ("batch", "seq", cfg.hidden), "hidden")
-        presents = [TensorDecl(f"present_{name}", dtype, ("batch", h, "seq", d), f"present_{kind}", layer)
-                    for name, kind, layer in per_layer]
         return Subgraph(f"decoder_{index}", build, inputs, [out, *presents], make,
                         decoder_gears(seq_gears, cache_gears), extra={"layers": [start, stop]})
 
     def kv_manifest(self, bounds: list[tuple[int, int]], cache_gears: list[int], dtype: str) -> dict:
-        """The manifest's ``kv_cache`` entry (see docs/bundle.md): per layer, keys after RoPE."""
+        """The manifest's ``kv_cache`` entry (see docs/bundle.md): keys after RoPE."""
         cfg = self.cfg
-        return {
-            "layout": "[batch, kv_heads, capacity, head_dim] per layer", "kind": "per_layer",
-            "keys": "after rotary embedding", "returns": "new tokens only",
-            "input": "past_key_<layer>, past_value_<layer>", "output": "present_key_<layer>, present_value_<layer>",
-            "mask": "attention_mask", "dtype": dtype, "num_layers": cfg.layers, "kv_heads": cfg.heads,
-            "head_dim": cfg.head_dim, "group_layers": [b - a for a, b in bounds], "capacity_gears": sorted(cache_gears),
-        }
+        return kv_manifest(self.kv_layout, cfg.layers, cfg.heads, cfg.head_dim, bounds, cache_gears, dtype)
 
     @staticmethod
     @torch.no_grad()
@@ -114,19 +118,21 @@ class ChatGLMSpec:
         cfg, n, t = group.cfg, group.stop - group.start, x.shape[1]
         index = torch.arange(t)[None]
         positions = glm_2d_positions(index, torch.tensor([t if prompt is None else prompt]))
-        past = [torch.zeros(1, cfg.heads, 0, cfg.head_dim, dtype=x.dtype) for _ in range(2 * n)]
-        return group(x, positions, torch.zeros(1, 0), *past)[0]
+        past = torch.zeros(n, 2, 1, cfg.heads, 0, cfg.head_dim, dtype=x.dtype)
+        cache = [past] if group.kv_layout == "stacked" else [past[j // 2, j % 2] for j in range(2 * n)]
+        return group(x, positions, torch.zeros(1, 0), *cache)[0]
 
 
-def random_llm(cfg: ChatGLMConfig, gears: Gears, seed: int, dtype: str) -> LlmParts:
+def random_llm(cfg: ChatGLMConfig, gears: Gears, seed: int, dtype: str, tokenizer: dict) -> LlmParts:
     """Seeded random weights: the embedding from ``seed + 4``, group [a, b) from ``seed + 10 + a``
-    (the Llama kind's seeds). The RoPE table covers ``gears.rope_length`` positions at least."""
+    (the Llama kind's seeds). The RoPE table covers ``gears.rope_length`` positions at least;
+    ``tokenizer`` is the manifest entry (``tokenizer_entry``)."""
     td, rope = getattr(torch, dtype), max(gears.rope_length, cfg.max_positions)
     bounds = group_bounds(cfg.layers, gears.layers_per_group)
 
     def group(i: int):
         a, b = bounds[i]
-        return cast_module(init_random_(ChatGLMDecoderGroup(cfg, a, b, rope), seed + 10 + a, 0.1), td)
+        return cast_module(init_random_(ChatGLMDecoderGroup(cfg, a, b, rope, gears.kv_layout), seed + 10 + a, 0.1), td)
 
-    return LlmParts(ChatGLMSpec(cfg), bounds,
+    return LlmParts(ChatGLMSpec(cfg, tokenizer, gears.kv_layout), bounds,
                     lambda: cast_module(init_random_(ChatGLMEmbedding(cfg), seed + 4, 1.0), td), group)

@@ -36,3 +36,46 @@ class LlmParts:
     def llama(self):
         """The kind's model config (a LlamaConfig for the Llama kind)."""
         return self.spec.cfg
+
+
+# --- the KV cache's graph inputs and outputs, and its manifest entry, by layout ---------------
+
+def kv_decls(layout: str, start: int, n: int, kv_heads: int, head_dim: int, dtype: str):
+    """(past inputs, present outputs) of a group of ``n`` layers from ``start``: ``stacked`` one
+    ``past_kv`` [n, 2, batch, kv_heads, cache, D] and one ``present_kv`` (new tokens only);
+    ``per_layer`` a ``past_key_i``/``past_value_i`` [batch, kv_heads, cache, D] per layer."""
+    from vlm2om.exporters.core.subgraph import TensorDecl
+
+    if layout == "stacked":
+        return ([TensorDecl("past_kv", dtype, (n, 2, "batch", kv_heads, "cache", head_dim), "past_kv")],
+                [TensorDecl("present_kv", dtype, (n, 2, "batch", kv_heads, "seq", head_dim), "present_kv")])
+    names = [(f"{kind}_{start + j}", kind, start + j) for j in range(n) for kind in ("key", "value")]
+    return ([TensorDecl(f"past_{name}", dtype, ("batch", kv_heads, "cache", head_dim), f"past_{kind}", layer)
+             for name, kind, layer in names],
+            [TensorDecl(f"present_{name}", dtype, ("batch", kv_heads, "seq", head_dim), f"present_{kind}", layer)
+             for name, kind, layer in names])
+
+
+def kv_feed(layout: str, start: int, past) -> dict:
+    """The verification feed of a cache ``past`` [n, 2, batch, kv_heads, cache, D] in ``layout``."""
+    if layout == "stacked":
+        return {"past_kv": past}
+    return {f"past_{kind}_{start + j}": past[j, i] for j in range(past.shape[0])
+            for i, kind in enumerate(("key", "value"))}
+
+
+def kv_manifest(layout: str, layers: int, kv_heads: int, head_dim: int, bounds: list[tuple[int, int]],
+                cache_gears: list[int], dtype: str) -> dict:
+    """The manifest's ``kv_cache`` entry (see docs/bundle.md): keys after RoPE, new tokens only."""
+    entry = {"stacked": {"layout": "[layers, 2 (key, value), batch, kv_heads, capacity, head_dim]",
+                         "input": "past_kv", "output": "present_kv"},
+             "per_layer": {"layout": "[batch, kv_heads, capacity, head_dim] per layer", "kind": "per_layer",
+                           "input": "past_key_<layer>, past_value_<layer>",
+                           "output": "present_key_<layer>, present_value_<layer>"}}[layout]
+    return {
+        "layout": entry["layout"], **({"kind": entry["kind"]} if "kind" in entry else {}),
+        "keys": "after rotary embedding", "returns": "new tokens only",
+        "input": entry["input"], "output": entry["output"], "mask": "attention_mask",
+        "dtype": dtype, "num_layers": layers, "kv_heads": kv_heads, "head_dim": head_dim,
+        "group_layers": [b - a for a, b in bounds], "capacity_gears": sorted(cache_gears),
+    }

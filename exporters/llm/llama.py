@@ -21,7 +21,7 @@ from vlm2om.exporters.core.checkpoints import assign
 from vlm2om.exporters.core.options import Gears
 from vlm2om.exporters.core.subgraph import Subgraph, TensorDecl
 from vlm2om.exporters.llm.embed import embed_subgraph
-from vlm2om.exporters.llm.common import LlmParts, decoder_gears, group_bounds
+from vlm2om.exporters.llm.common import LlmParts, decoder_gears, group_bounds, kv_decls, kv_feed, kv_manifest
 
 
 @dataclass(frozen=True)
@@ -47,35 +47,23 @@ class LlamaSpec:
         n, kvh, d = stop - start, cfg.kv_heads, cfg.head_dim
         tdtype, last = getattr(torch, dtype), stop == cfg.layers
 
-        stacked = self.kv_layout == "stacked"
-        per_layer = [(f"{kind}_{start + j}", kind, start + j) for j in range(n) for kind in ("key", "value")]
-
         def make(gear, gen):
             b, s, c = gear["batch"], gear["seq"], gear["cache"]
             valid = int(torch.randint(1, c, (), generator=gen))
             mask = torch.zeros(b, c)
             mask[:, :valid] = 1
             past = torch.randn(n, 2, b, kvh, c, d, generator=gen).to(tdtype)
-            cache = {"past_kv": past} if stacked else \
-                {f"past_{name}": past[j // 2, j % 2] for j, (name, _, _) in enumerate(per_layer)}
             return {
                 "hidden_states": torch.randn(b, s, cfg.hidden, generator=gen).to(tdtype),
                 "position_ids": (valid + torch.arange(s)).expand(b, s).contiguous(),
-                "attention_mask": mask, **cache,
+                "attention_mask": mask, **kv_feed(self.kv_layout, start, past),
                 **({"logits_index": torch.randint(0, s, (b,), generator=gen)} if last else {}),
             }
 
+        past, presents = kv_decls(self.kv_layout, start, n, kvh, d, dtype)
         inputs = [TensorDecl("hidden_states", dtype, ("batch", "seq", cfg.hidden), "hidden"),
                   TensorDecl("position_ids", "int64", ("batch", "seq"), "positions"),
-                  TensorDecl("attention_mask", "float32", ("batch", "cache"), "valid_mask")]
-        if stacked:
-            inputs.append(TensorDecl("past_kv", dtype, (n, 2, "batch", kvh, "cache", d), "past_kv"))
-            presents = [TensorDecl("present_kv", dtype, (n, 2, "batch", kvh, "seq", d), "present_kv")]
-        else:
-            inputs += [TensorDecl(f"past_{name}", dtype, ("batch", kvh, "cache", d), f"past_{kind}", layer)
-                       for name, kind, layer in per_layer]
-            presents = [TensorDecl(f"present_{name}", dtype, ("batch", kvh, "seq", d), f"present_{kind}", layer)
-                        for name, kind, layer in per_layer]
+                  TensorDecl("attention_mask", "float32", ("batch", "cache"), "valid_mask"), *past]
         if last:  # logits of one position per row: see graphs/llama.py
             inputs.append(TensorDecl("logits_index", "int64", ("batch",), "logits_index"))
         # Logits in fp32 whatever the graph's dtype, so that an argmax sees no fp16 ties.
@@ -87,23 +75,13 @@ class LlamaSpec:
     def kv_manifest(self, bounds: list[tuple[int, int]], cache_gears: list[int], dtype: str) -> dict:
         """The manifest's ``kv_cache`` entry (see docs/bundle.md)."""
         cfg = self.cfg
-        layout = {"stacked": {"layout": "[layers, 2 (key, value), batch, kv_heads, capacity, head_dim]",
-                              "input": "past_kv", "output": "present_kv"},
-                  "per_layer": {"kind": "per_layer", "layout": "[batch, kv_heads, capacity, head_dim] per layer",
-                                "input": "past_key_<layer>, past_value_<layer>",
-                                "output": "present_key_<layer>, present_value_<layer>"}}[self.kv_layout]
-        return {
-            "layout": layout["layout"], **({"kind": "per_layer"} if "kind" in layout else {}),
-            "keys": "after rotary embedding", "returns": "new tokens only",
-            "input": layout["input"], "output": layout["output"], "mask": "attention_mask",
-            "dtype": dtype, "num_layers": cfg.layers, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
-            "group_layers": [b - a for a, b in bounds], "capacity_gears": sorted(cache_gears),
-        }
+        return kv_manifest(self.kv_layout, cfg.layers, cfg.kv_heads, cfg.head_dim, bounds, cache_gears, dtype)
 
     @staticmethod
     @torch.no_grad()
-    def reference_forward(group, x: torch.Tensor) -> torch.Tensor:
-        """A decoder group over a whole sequence [1, T, H] with an empty cache (causal)."""
+    def reference_forward(group, x: torch.Tensor, prompt: int | None = None) -> torch.Tensor:
+        """A decoder group over a whole sequence [1, T, H] with an empty cache (causal: where the
+        prompt ends, ``prompt``, changes nothing)."""
         cfg, n = group.cfg, group.stop - group.start
         past = torch.zeros(n, 2, 1, cfg.kv_heads, 0, cfg.head_dim, dtype=x.dtype)
         cache = [past] if group.kv_layout == "stacked" else [past[j // 2, j % 2] for j in range(2 * n)]

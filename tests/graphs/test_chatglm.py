@@ -32,7 +32,7 @@ DIFFS: dict[str, float] = {}  # the largest max abs diff per case so far, printe
 
 
 def ours_pair(cfg: ChatGLMConfig, seed: int) -> nn.ModuleDict:
-    m = nn.ModuleDict({"embed": ChatGLMEmbedding(cfg), "group": ChatGLMDecoderGroup(cfg, 0, cfg.layers)})
+    m = nn.ModuleDict({"embed": ChatGLMEmbedding(cfg), "group": ChatGLMDecoderGroup(cfg, 0, cfg.layers, kv_layout="per_layer")})
     return randomize(m, seed, std=0.1)
 
 
@@ -174,6 +174,26 @@ def test_groups_chain_like_one_group():
         close(out, logits, f"groups [0,{k})+[{k},{cfg.layers}) vs one group", 1e-6)
         for a, b in zip([*kv1, *kv2], present):
             close(a, b, f"chained present split at {k}", 1e-6)
+
+
+@torch.no_grad()
+def test_stacked_cache_equals_per_layer():
+    """The stacked layout (one past_kv per group) computes what the per-layer one does."""
+    cfg = ChatGLMConfig(**TINY)
+    per_layer = ours_pair(cfg, seed=6)["group"]
+    stacked = ChatGLMDecoderGroup(cfg, 0, cfg.layers, kv_layout="stacked")
+    stacked.load_state_dict(per_layer.state_dict())
+    gen = torch.Generator().manual_seed(7)
+    B, S, C = 2, 3, 5
+    h = torch.randn(B, S, cfg.hidden, generator=gen)
+    past = torch.randn(cfg.layers, 2, B, cfg.heads, C, cfg.head_dim, generator=gen)
+    mask = torch.ones(B, C)
+    mask[1, 3:] = 0
+    pos = torch.stack([glm_positions(2, C + S)[:, C:], glm_positions(3, C + S)[:, C:]])
+    want, *kv = per_layer(h, pos, mask, *[past[j // 2, j % 2] for j in range(2 * cfg.layers)])
+    got, present = stacked(h, pos, mask, past)
+    close(got, want, "stacked logits", 0)
+    close(present, torch.stack([torch.stack(kv[2 * i:2 * i + 2]) for i in range(cfg.layers)]), "stacked present", 0)
 
 
 def test_rope_tables_round_as_the_originals():

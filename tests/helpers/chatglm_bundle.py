@@ -24,10 +24,10 @@ from vlm2om.runtime.decoder import Decoder
 
 
 def split_group(cfg: ChatGLMConfig, full: ChatGLMDecoderGroup, bounds: list[tuple[int, int]]) -> list[nn.Module]:
-    """Groups [a, b) holding the weights of those layers of one group of all layers."""
+    """Groups [a, b) holding the weights of those layers of one group of all layers (and its kv_layout)."""
     out = []
     for a, b in bounds:
-        g = ChatGLMDecoderGroup(cfg, a, b)
+        g = ChatGLMDecoderGroup(cfg, a, b, kv_layout=full.kv_layout)
         for i, layer in enumerate(g.layers):
             layer.load_state_dict(full.layers[a + i].state_dict())
         if g.is_last:
@@ -42,7 +42,7 @@ def write_chatglm_bundle(folder: Path, cfg: ChatGLMConfig, embed: nn.Module, gro
                          batches: tuple[int, ...] = (1,), dtype: str = "float32") -> tuple[Bundle, dict]:
     """Export ``embed`` and ``groups`` into ``folder``; (the Bundle, its manifest) with the
     manifest written to ``manifest.json`` too."""
-    spec = ChatGLMSpec(cfg)
+    spec = ChatGLMSpec(cfg, kv_layout=groups[0].kv_layout)
     subgraphs = [spec.embed_subgraph(lambda: embed, seq, dtype)]
     subgraphs += [spec.group_subgraph(i, lambda g=g: g, b, seq, cache, dtype)
                   for i, (g, b) in enumerate(zip(groups, bounds))]

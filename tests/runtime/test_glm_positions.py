@@ -68,7 +68,7 @@ def glm(tmp_path_factory):
     """(cfg, SAT model, the runtime's Decoder, its Bundle) with the same random weights."""
     sat_or_skip()
     cfg = ChatGLMConfig(**TINY)
-    ours = randomize(nn.ModuleDict({"embed": ChatGLMEmbedding(cfg), "group": ChatGLMDecoderGroup(cfg, 0, cfg.layers)}),
+    ours = randomize(nn.ModuleDict({"embed": ChatGLMEmbedding(cfg), "group": ChatGLMDecoderGroup(cfg, 0, cfg.layers, kv_layout="per_layer")}),
                      seed=11, std=0.1)
     sat = build_sat_chatglm(cfg)
     load_into_sat(ours, sat, cfg)

@@ -14,7 +14,7 @@ from tests.helpers.chatglm_sat import build_sat_chatglm, glm_ids, glm_positions,
 from tests.helpers.hf_weights import close, randomize
 from vlm2om.exporters.core.onnx_export import export_onnx
 from vlm2om.exporters.core.options import Gears
-from vlm2om.exporters.llm.chatglm import ChatGLMSpec, glm_2d_positions, random_llm
+from vlm2om.exporters.llm.chatglm import ChatGLMSpec, glm_2d_positions, random_llm, tokenizer_entry
 from vlm2om.graphs.chatglm import ChatGLMConfig, ChatGLMDecoderGroup, ChatGLMEmbedding
 
 TINY = dict(vocab_size=128, hidden=64, layers=4, heads=4, ffn=160, max_positions=64, rope_precision="fp32")
@@ -24,7 +24,7 @@ SEQ, CACHE = [1, 6], [8, 12]
 
 def modules(seed: int = 0):
     cfg = ChatGLMConfig(**TINY)
-    ours = randomize(nn.ModuleDict({"embed": ChatGLMEmbedding(cfg), "group": ChatGLMDecoderGroup(cfg, 0, cfg.layers)}),
+    ours = randomize(nn.ModuleDict({"embed": ChatGLMEmbedding(cfg), "group": ChatGLMDecoderGroup(cfg, 0, cfg.layers, kv_layout="per_layer")}),
                      seed, std=0.1)
     return cfg, ours, split_group(cfg, ours["group"], BOUNDS)
 
@@ -37,7 +37,7 @@ def test_positions_are_the_reference_rule():
 
 def test_subgraphs_roles_and_kv_entry():
     cfg, _, groups = modules()
-    spec = ChatGLMSpec(cfg)
+    spec = ChatGLMSpec(cfg, kv_layout="per_layer")
     assert (spec.attention, spec.positions, spec.kv_layout) == ("prefix_lm", {"kind": "glm_2d"}, "per_layer")
     embed = spec.embed_subgraph(lambda: None, SEQ, "float32")
     assert [(d.name, d.role) for d in embed.inputs + embed.outputs] == [("input_ids", "token_ids"),
@@ -61,7 +61,7 @@ def test_example_inputs_are_valid_glm_positions():
     """Every gear's example positions are a prompt's rule (some prompt P: [gMASK] at P - 2) at
     indices after the valid cache slots, within the RoPE table a graph built for these gears has."""
     cfg, _, groups = modules()
-    sg = ChatGLMSpec(cfg).group_subgraph(1, lambda: groups[1], BOUNDS[1], SEQ, CACHE, "float32")
+    sg = ChatGLMSpec(cfg, kv_layout="per_layer").group_subgraph(1, lambda: groups[1], BOUNDS[1], SEQ, CACHE, "float32")
     rope = max(CACHE) + max(SEQ)
     for seed in range(20):
         for gear in sg.gears:
@@ -80,7 +80,7 @@ def test_example_inputs_are_valid_glm_positions():
 @torch.no_grad()
 def test_exported_groups_match_torch_at_every_gear(tmp_path):
     cfg, ours, groups = modules(seed=3)
-    spec = ChatGLMSpec(cfg)
+    spec = ChatGLMSpec(cfg, kv_layout="per_layer")
     subgraphs = [spec.embed_subgraph(lambda: ours["embed"], SEQ, "float32")]
     subgraphs += [spec.group_subgraph(i, lambda g=g: g, b, SEQ, CACHE, "float32")
                   for i, (g, b) in enumerate(zip(groups, BOUNDS))]
@@ -115,8 +115,10 @@ def test_reference_forward_is_sats_full_recompute():
 
 def test_random_llm_parts():
     cfg = ChatGLMConfig(**TINY)
-    parts = random_llm(cfg, Gears(seq=(1, 96), cache=(64,), layers_per_group=3, kv_layout="per_layer"), 0, "float16")
+    parts = random_llm(cfg, Gears(seq=(1, 96), cache=(64,), layers_per_group=3, kv_layout="per_layer"), 0, "float16",
+                       tokenizer_entry(121, 122))
     assert parts.bounds == [(0, 3), (3, 4)] and isinstance(parts.spec, ChatGLMSpec) and parts.llama is cfg
+    assert parts.spec.tokenizer["bos_id"] == 121 and parts.spec.tokenizer["eos_ids"] == [122]
     last = parts.build_group(1)
     assert last.is_last and last.layers[0].attention.coeff == 4.0 and last.rope_cos.shape[0] == 160
     assert last.lm_head.weight.dtype == torch.float16 and parts.build_embed().word_embeddings.weight.shape == (128, 64)
