@@ -67,3 +67,13 @@ def llava_modules():
 def llava_batch_bundle(tmp_path_factory):
     """The tiny LLaVA-1.5 bundle with golden files and batch gears 1, 2."""
     return _export(tmp_path_factory, "llava15", "llava15-tiny-batch", golden=True, batch_gears=(1, 2))
+
+
+@pytest.fixture(scope="session")
+def visualglm_bundle(tmp_path_factory):
+    return _export(tmp_path_factory, "visualglm", "visualglm-tiny")
+
+
+@pytest.fixture(scope="session")
+def visualglm_modules():
+    return _modules("visualglm")

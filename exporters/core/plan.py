@@ -85,5 +85,7 @@ def assemble(family: str, variant: str, opts: RecipeOptions, gears: Gears, llm: 
         "model": model, "tokenizer": dict(spec.tokenizer), "special_tokens": dict(spec.special_tokens),
         **described,
     }
-    return ExportPlan(family, variant, dtype, subgraphs, {"tokenizer.model": tokenizer}, manifest,
+    if getattr(spec, "positions", None):  # a kind whose positions are not the 1-D index (ChatGLM's 2-D)
+        manifest["pipeline"]["positions"] = dict(spec.positions)
+    return ExportPlan(family, variant, dtype, subgraphs, {spec.tokenizer["file"]: tokenizer}, manifest,
                       provenance={"source": source, "options": opts.provenance(gears)}, llm=spec)

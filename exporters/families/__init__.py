@@ -40,6 +40,7 @@ class Family:
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("minigpt4", "MiniGPT-4 (Vicuna-7B v0)", "vlm2om.exporters.families.minigpt4"),
     Family("llava15", "LLaVA-1.5 (Vicuna-7B v1.5)", "vlm2om.exporters.families.llava15"),
+    Family("visualglm", "VisualGLM-6B (ChatGLM-6B)", "vlm2om.exporters.families.visualglm"),
 )}
 
 

@@ -186,5 +186,5 @@ def _judge_case(res: CaseResult, ref, image, turns, segments, tokens, recorded, 
         return
     context = ref.context(image, turns)
     follow = ref.m.embed(torch.tensor([tokens[:-1]], dtype=torch.long))[0] if len(tokens) > 1 else context[:0]
-    logits = ref.logits(torch.cat([context, follow.to(context.dtype)])).float().numpy()[len(context) - 1:]
+    logits = ref.logits(torch.cat([context, follow.to(context.dtype)]), len(context)).float().numpy()[len(context) - 1:]
     judge_steps(res, tokens, recorded, logits, limits)

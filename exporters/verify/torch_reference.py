@@ -49,26 +49,40 @@ class TorchReference:
         return torch.cat([emb(torch.tensor([before]))[0], self.image_embeds(image), emb(torch.tensor([after]))[0]])
 
     @torch.no_grad()
-    def logits(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Full recompute: [T, H] -> logits [T, V]."""
+    def logits(self, embeds: torch.Tensor, prompt: int | None = None) -> torch.Tensor:
+        """Full recompute: [T, H] -> logits [T, V]; the first ``prompt`` positions are the prompt
+        (a prefix-LM kind attends over them both ways; None: all of them)."""
         x = embeds[None]
         for g in self.m.groups:
-            x = self.m.spec.reference_forward(g, x)
+            x = self.m.spec.reference_forward(g, x, prompt=prompt)
         return x[0]
 
     @torch.no_grad()
     def greedy(self, image, turns, new_tokens: int) -> tuple[list[int], list[float]]:
         """Greedy tokens (no EOS stop) and the top-1 vs top-2 logit margin at each step."""
         embeds = self.context(image, turns)
+        prompt = embeds.shape[0]
         tokens, margins = [], []
         for _ in range(new_tokens):
-            logits = self.logits(embeds)[-1]
+            logits = self.logits(embeds, prompt)[-1]
             top = torch.topk(logits, 2).values
             tok = int(torch.argmax(logits))
             tokens.append(tok)
             margins.append(float(top[0] - top[1]))
             embeds = torch.cat([embeds, self.m.embed(torch.tensor([[tok]]))[0]])
         return tokens, margins
+
+
+def blip2_pixels(image, pre: dict) -> torch.Tensor:
+    """BLIP-2's ``Blip2ImageEvalProcessor``/``BlipImageEvalProcessor`` with PIL: Resize((S, S),
+    BICUBIC) -> ToTensor -> Normalize, as [1, 3, S, S] (``pre``: the manifest's steps by op)."""
+    import numpy as np
+
+    size, norm = pre["resize"]["size"], pre["normalize"]
+    img = rgb(image).resize(tuple(size), Image.BICUBIC)
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)
+    mean, std = (torch.tensor(norm[k])[:, None, None] for k in ("mean", "std"))
+    return ((x - mean) / std)[None]
 
 
 def rgb(image) -> Image.Image:

@@ -37,7 +37,7 @@ class EndToEndTrace:
         self.skipped = ""
         try:
             described = {"family": plan.family, "dtype": plan.dtype, **m}
-            ref = make_reference(None, described, plan.assets["tokenizer.model"])
+            ref = make_reference(None, described, plan.assets[m["tokenizer"]["file"]])
         except InputError as e:
             self.skipped = str(e)
             echo(f"export --golden: no end-to-end case ({e}); the per-graph cases are stored")
@@ -76,7 +76,7 @@ class EndToEndTrace:
             text = [emb(self.before), emb(self.after), emb(self.answer[:-1])]
             self.x = torch.cat([text[0], self.x[0], *text[1:]])[None]
         elif name in self.pipe["decoder_graphs"]:
-            self.x = self.forward(module, self.x)
+            self.x = self.forward(module, self.x, prompt=self.prompt_tokens)
             if name == self.pipe["decoder_graphs"][-1]:  # the last group's output is the logits
                 self.logits = self.x[0, self.prompt_tokens - 1:].float().numpy()
                 self.x = None

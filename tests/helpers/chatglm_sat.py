@@ -93,9 +93,11 @@ def single_process_env():
         torch.set_rng_state(states[2])
 
 
-def build_sat_chatglm(cfg: ChatGLMConfig) -> nn.Module:
+def build_sat_chatglm(cfg: ChatGLMConfig, ids: dict[str, int] | None = None) -> nn.Module:
     """A SAT ChatGLMModel of ``cfg``'s sizes, composed as VisualGLM's SAT config does (post
-    layernorm order, which selects the GLM residual), on the CPU, fp32, without dropout."""
+    layernorm order, which selects the GLM residual), on the CPU, fp32, without dropout.
+    ``ids``: its special ids (``[MASK]``, ``[gMASK]``, ``<sop>``, ``<pad>``) where not this module's."""
+    ids = {"[MASK]": MASK, "[gMASK]": GMASK, "<sop>": SOP, "<pad>": PAD, **(ids or {})}
     model_cls, get_args = sat_or_skip()
     import argparse
 
@@ -107,8 +109,8 @@ def build_sat_chatglm(cfg: ChatGLMConfig) -> nn.Module:
             "--inner-hidden-size", str(cfg.ffn), "--max-sequence-length", str(cfg.max_positions),
             "--layernorm-order", "post", "--layernorm-epsilon", str(cfg.ln_eps),
             "--hidden-dropout", "0", "--attention-dropout", "0", "--make-vocab-size-divisible-by", "1",
-            "--bos-token-id", str(SOP), "--mask-token-id", str(MASK), "--gmask-token-id", str(GMASK),
-            "--pad-token-id", str(PAD)]
+            "--bos-token-id", str(ids["<sop>"]), "--mask-token-id", str(ids["[MASK]"]),
+            "--gmask-token-id", str(ids["[gMASK]"]), "--pad-token-id", str(ids["<pad>"])]
     with single_process_env():
         args = get_args(argv, parser=parser)
         model = model_cls(args)

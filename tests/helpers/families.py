@@ -37,6 +37,12 @@ COVERAGE: dict[str, FamilyCoverage] = {
                 "tests/exporters/families/llava15/test_oracle.py"),
         checkpoints=("tests/exporters/families/llava15/test_checkpoints.py",),
         prompt="tests/exporters/families/llava15/test_prompt_literal.py"),
+    "visualglm": FamilyCoverage(
+        bundle_fixture="visualglm_bundle", modules_fixture="visualglm_modules",
+        oracle=("tests/graphs/test_chatglm.py", "tests/graphs/test_visualglm_vision.py",
+                "tests/runtime/test_glm_positions.py", "tests/exporters/families/visualglm/test_end_to_end.py"),
+        checkpoints=("tests/exporters/families/visualglm/test_checkpoints.py",),
+        prompt="tests/exporters/families/visualglm/test_prompt_literal.py"),
 }
 
 

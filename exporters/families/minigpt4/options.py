@@ -10,15 +10,12 @@ from vlm2om.runtime.errors import InputError
 from vlm2om.exporters.llm.common import LlmParts
 
 from vlm2om.exporters.core.options import RecipeOptions
-from vlm2om.exporters.llm.common import group_bounds
 
 if TYPE_CHECKING:  # torch-free at run time: the CLI parses these options before importing torch
     from torch import nn
 
     from vlm2om.graphs.eva_vit import EvaVitConfig
     from vlm2om.graphs.qformer import QFormerConfig
-
-REAL_VISION_GRAPHS = 2  # EVA-ViT-g in two graphs for a checkpoint (see recipe.REAL_GEARS)
 
 
 @dataclass(frozen=True)
@@ -34,10 +31,9 @@ class ExportOptions(RecipeOptions):
             raise InputError(f"--vision-graphs {self.vision_graphs}: must be >= 1")
 
     def vision_bounds(self, depth: int) -> list[tuple[int, int]]:
-        n = self.vision_graphs or (REAL_VISION_GRAPHS if self.checkpoint is not None else 1)
-        if not 1 <= n <= depth:
-            raise InputError(f"--vision-graphs {n}: EVA has {depth} blocks")
-        return group_bounds(depth, -(-depth // n))
+        from vlm2om.exporters.core.blip2 import vision_bounds
+
+        return vision_bounds(self.vision_graphs, self.checkpoint is not None, depth)
 
 
 @dataclass

@@ -20,11 +20,13 @@ from vlm2om.graphs.projector import Bridge, LinearProjector, LinearProjectorConf
 from vlm2om.graphs.qformer import QFormer, QFormerConfig
 
 from vlm2om.exporters.core.plan import ExportPlan
-from vlm2om.exporters.core.plan import CLIP_MEAN, CLIP_STD, ReferenceModules, assemble, image_graph, reference_modules
+from vlm2om.exporters.core import blip2
+from vlm2om.exporters.core.blip2 import slice_layers
+from vlm2om.exporters.core.plan import ReferenceModules, assemble, reference_modules
 from vlm2om.exporters.core import options
 from vlm2om.exporters.core.options import Gears, resolve_gears
 from vlm2om.exporters.llm.llama import random_llm
-from vlm2om.exporters.core.subgraph import Subgraph, TensorDecl
+from vlm2om.exporters.core.subgraph import Subgraph
 from vlm2om.exporters.core.tiny_tokenizer import VOCAB_SIZE as TINY_VOCAB
 from vlm2om.exporters.core.tiny_tokenizer import build_tiny_tokenizer
 from vlm2om.exporters.families.minigpt4.options import ExportOptions, MiniGPT4Parts
@@ -40,12 +42,6 @@ PROMPT = {
 }
 GENERATION = {"max_new_tokens": 300, "do_sample": True, "temperature": 1.0, "top_p": 0.9,
               "repetition_penalty": 1.05}
-
-
-def preprocess_steps(size: int) -> list[dict]:
-    """Blip2ImageEvalProcessor: Resize((S, S), BICUBIC) -> ToTensor -> Normalize(CLIP)."""
-    return [{"op": "rgb"}, {"op": "resize", "size": [size, size], "interpolation": "bicubic"},
-            {"op": "to_float", "divisor": 255.0}, {"op": "normalize", "mean": CLIP_MEAN, "std": CLIP_STD}]
 
 
 @dataclass(frozen=True)
@@ -73,7 +69,7 @@ PRESETS = {
                     Gears(seq=(1, 16, 64, 128, 256, 512), cache=(16, *range(256, 2305, 256)), layers_per_group=12,
                           kv_layout="per_layer")),
 }
-# Two decoder layers per file and EVA in two graphs (options.REAL_VISION_GRAPHS): onnxruntime's CPU
+# Two decoder layers per file and EVA in two graphs (blip2.REAL_VISION_GRAPHS): onnxruntime's CPU
 # kernels verify fp16 weights through an fp32 copy, so an export's peak memory is about twice its
 # largest graph (~0.9 GB fp16).
 REAL_GEARS = Gears(seq=(1, 32, 128, 512), cache=(256, 512, 1024, 2048), layers_per_group=2)
@@ -95,22 +91,14 @@ def _random_parts(name: str, opts: ExportOptions, gears: Gears) -> MiniGPT4Parts
     def vision(i: int):
         """Slices of one seeded encoder, so the weights do not depend on the split."""
         whole = init_random_(EvaVisionEncoder(p.vision), s + 1, p.std)
-        return cast_module(slice_encoder(whole, *bounds[i]), td)
+        a, b = bounds[i]
+        part = whole if (a, b) == (0, p.vision.depth) else slice_layers(whole, EvaVisionEncoder(p.vision, (a, b)),
+                                                                         "blocks.", a)
+        return cast_module(part, td)
 
     return MiniGPT4Parts(
         p.vision, p.qformer, random_llm(llama, gears, s, dtype), build_tiny_tokenizer(),
         {"preset": name, "seed": s}, bounds, vision, bridge)
-
-
-def slice_encoder(whole: EvaVisionEncoder, start: int, stop: int) -> EvaVisionEncoder:
-    """Blocks [start, stop) of ``whole`` (plus its stem or ln_vision where the slice has them)."""
-    if (start, stop) == (0, whole.cfg.depth):
-        return whole
-    part = EvaVisionEncoder(whole.cfg, (start, stop))
-    full = whole.state_dict()
-    part.load_state_dict({k: full[f"blocks.{int(k.split('.')[1]) + start}.{k.split('.', 2)[2]}"]
-                          if k.startswith("blocks.") else full[k] for k in part.state_dict()})
-    return part
 
 
 def gear_options(opts: ExportOptions) -> Gears:
@@ -130,15 +118,10 @@ def build_modules(opts: ExportOptions) -> ReferenceModules:
 
 
 def image_subgraphs(parts: MiniGPT4Parts, dtype: str) -> list[Subgraph]:
-    v, q, n = parts.vision_cfg, parts.qformer_cfg, len(parts.vision_bounds)
-    embeds = TensorDecl("image_embeds", dtype, (1, v.num_tokens, v.width))
-    tokens = TensorDecl("vision_tokens", dtype, (1, v.num_tokens, v.width))  # between EVA slices
-    chain = [TensorDecl("pixel_values", dtype, (1, 3, v.image_size, v.image_size)), *[tokens] * (n - 1), embeds]
-    vision = [image_graph("vision" if n == 1 else f"vision_{i}", partial(parts.build_vision, i), chain[i],
-                          chain[i + 1]) for i in range(n)]
-    return [*vision,
-            image_graph("bridge", parts.build_bridge, embeds,
-                        TensorDecl("image_tokens", dtype, (1, q.num_query, parts.llm.llama.hidden)))]
+    v = parts.vision_cfg
+    return blip2.image_subgraphs(v.width, v.num_tokens, v.image_size, parts.qformer_cfg.num_query,
+                                 parts.llm.llama.hidden, parts.vision_bounds, parts.build_vision, parts.build_bridge,
+                                 dtype)
 
 
 def plan(opts: ExportOptions) -> ExportPlan:
@@ -147,7 +130,7 @@ def plan(opts: ExportOptions) -> ExportPlan:
     model = {"llama": vars(parts.llm.llama), "vision": vars(parts.vision_cfg), "qformer": vars(parts.qformer_cfg)}
     described = {"prompt": PROMPT, "generation": GENERATION,
                  "preprocess": {"processor": "Blip2ImageEvalProcessor",
-                                "steps": preprocess_steps(parts.vision_cfg.image_size)}}
+                                "steps": blip2.preprocess_steps(parts.vision_cfg.image_size)}}
     return assemble(FAMILY, parts.source.get("preset") or "vicuna0-7b", opts, gears, parts.llm,
                     image_subgraphs(parts, opts.export_dtype), parts.qformer_cfg.num_query, parts.tokenizer,
                     parts.source, model, described)

@@ -2,11 +2,9 @@
 rendered as ``Conversation.get_prompt`` and tokenized as ``Chat.get_context_emb`` do."""
 from __future__ import annotations
 
-import numpy as np
 import torch
-from PIL import Image
 
-from vlm2om.exporters.verify.torch_reference import TorchReference, rgb
+from vlm2om.exporters.verify.torch_reference import TorchReference, blip2_pixels
 
 
 class MiniGPT4Reference(TorchReference):
@@ -21,11 +19,7 @@ class MiniGPT4Reference(TorchReference):
 
     def pixels(self, image) -> torch.Tensor:
         """Resize((S, S), BICUBIC) -> ToTensor -> Normalize."""
-        size, norm = self.pre["resize"]["size"], self.pre["normalize"]
-        img = rgb(image).resize(tuple(size), Image.BICUBIC)
-        x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)
-        mean, std = (torch.tensor(norm[k])[:, None, None] for k in ("mean", "std"))
-        return ((x - mean) / std)[None]
+        return blip2_pixels(image, self.pre)
 
     def prompt_text(self, turns: list[tuple[str, str | None]]) -> str:
         """The first question carries the image message."""

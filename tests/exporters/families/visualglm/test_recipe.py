@@ -1,0 +1,82 @@
+"""The VisualGLM-6B recipe's tiny preset through the whole path: the manifest contract, the ATC
+lint, the fake ATC + ais_bench stand-in (same tokens as onnxruntime), the one-chunk prefix-LM
+prefill, and the CLI as ``make export MODEL=visualglm`` runs it, then verify and bench."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, run_cli
+from tests.helpers import ais_bench_standin as standin
+from tests.helpers.fake_cann import install_fake_cann
+from vlm2om.exporters.ascend.compile import CompileOptions, compile_bundle
+from vlm2om.exporters.ascend.lint import lint_path
+from vlm2om.exporters.families.visualglm import recipe
+from vlm2om.runtime import Bundle, GenerationConfig, InputError, open_bundle
+
+GREEDY = GenerationConfig(max_new_tokens=12, do_sample=False, stop_on_eos=False, stop_strings=())
+
+
+def test_manifest_and_graphs(visualglm_bundle):
+    m = Bundle.open(visualglm_bundle).manifest
+    assert (m["family"], m["variant"], m["dtype"]) == ("visualglm", "tiny", "float32")
+    assert list(m["graphs"]) == ["vision", "bridge", "embed", "decoder_0", "decoder_1"]
+    p = m["pipeline"]
+    assert p["image_tokens"] == 32 and p["attention"] == "prefix_lm" and p["positions"] == {"kind": "glm_2d"}
+    roles = {s["role"]: s["shape"] for s in m["graphs"]["decoder_0"]["inputs"]}
+    assert roles["positions_2d"] == [1, 2, "seq"] and roles["past_kv"] == [1, 2, 1, 4, "cache", 16]
+    assert m["graphs"]["bridge"]["outputs"][0]["shape"] == [1, 32, 64]
+    assert [f for f in lint_path(visualglm_bundle) if f.severity != "info"] == []
+
+
+def test_real_gears_hold_a_context_in_one_chunk():
+    """ATC: four dynamic dims per gear (stacked cache) and 24 gears; the largest seq gear holds a
+    1024-position context (VisualGLM's max_length), prefilled in one chunk."""
+    g = recipe.REAL_GEARS
+    assert (g.kv_layout, max(g.seq), len(g.seq) * len(g.cache)) == ("stacked", 1024, 24)
+
+
+def test_a_context_longer_than_the_largest_seq_gear_is_refused(visualglm_bundle, sample_image):
+    chat = open_bundle(visualglm_bundle).chat(sample_image)
+    with pytest.raises(InputError, match="one chunk"):
+        "".join(chat.ask("一" * 300, GREEDY))
+
+
+def test_om_stand_in_gives_the_same_tokens_as_onnxruntime(visualglm_bundle, tmp_path, monkeypatch, sample_image):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(visualglm_bundle, bundle)
+    install_fake_cann(tmp_path / "Ascend", monkeypatch)
+    compile_bundle(bundle, CompileOptions(), echo=lambda s: None)
+    standin.install(monkeypatch)
+    answers = {}
+    for backend in ("ort", "om"):
+        chat = open_bundle(bundle, backend=backend).chat(sample_image)
+        for q in ("描述这张图片。", "What else?"):
+            "".join(chat.ask(q, GREEDY))
+            answers.setdefault(backend, []).append(chat.last.tokens)
+    assert answers["om"] == answers["ort"]
+    modes = {Path(s.model_path).name.split("_linux")[0]: s.calls[0]["mode"] for s in standin.SESSIONS if s.calls}
+    assert modes["vision"] == modes["bridge"] == "static" and modes["decoder_0"] == "dymdims"
+
+
+def test_cli_export_run_verify_bench(tmp_path, sample_image):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = tmp_path / "visualglm"
+    r = run_cli("export", "visualglm", "--preset", "tiny", "--out", out, env=env)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("run", out, "--image", sample_image, "--prompt", "描述这张图片。", "--max-new-tokens", "8",
+                "--stats", env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("verify", out, "--reference", "--out", tmp_path / "rep", env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "PASS" in r.stdout
+    r = run_cli("bench", out, "--out", tmp_path / "bench", "--batch", "1", "--input-lengths", "64", "--output-lengths", "16", env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(tmp_path / "bench" / "1_batch_performance_visualglm.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and {"Batch", "TokensPerSecond", "ResponseTime(ms)", "FirstTokenTime(ms)",
+                     "TimePerTokens(ms)"} <= set(rows[0])
