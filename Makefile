@@ -6,6 +6,7 @@ OUT ?= build/$(MODEL)
 CHECKPOINT ?=
 PROMPT ?= Describe this image in detail.
 IMAGE ?= examples/sample.png
+BENCH_MODEL ?= minigpt4
 # The CPU build of torch; a looser spec would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
@@ -18,7 +19,7 @@ help:
 	@echo "make export MODEL=minigpt4 [CHECKPOINT=dir]   export a bundle to $(OUT) and answer one prompt"
 	@echo "make test                                      run the test suite"
 	@echo "make bench                                     decode and prefill vs onnxruntime-genai and transformers (same weights)"
-	@echo "make bench-7b                                  full-size export: wall time and peak memory (~32 GB disk)"
+	@echo "make bench-7b [BENCH_MODEL=visualglm]          full-size export: wall time and peak memory (~32 GB disk)"
 
 setup: $(STAMP)
 
@@ -49,7 +50,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench_decode.py $(BENCH_ARGS)
 
 bench-7b: $(STAMP)
-	$(BIN)/python benchmarks/bench_export_7b.py
+	$(BIN)/python benchmarks/bench_export_7b.py --model $(BENCH_MODEL)
 
 clean:
 	rm -rf build .pytest_cache

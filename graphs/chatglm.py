@@ -46,6 +46,10 @@ from .llama import KV_LAYOUTS, rotate_half_matrix
 # in fp16: positions, inv_freq, angles and cos/sin all fp16).
 ROPE_PRECISIONS = ("fp32", "fp16_inv_freq", "fp16")
 MASKED_SCORE = -10000.0
+# lm_head in vocabulary slices of at most this many rows (130528 -> 8 MatMuls and a Concat): no
+# single weight of the last group is then larger than 128 MiB in fp16, which keeps the export's
+# verification on onnxruntime's CPU kernels (fp32 copies of fp16 weights) near the group's size.
+LM_HEAD_ROWS = 16384
 
 
 @dataclass(frozen=True)
@@ -245,7 +249,13 @@ class ChatGLMDecoderGroup(nn.Module):
         if self.is_last:
             if logits_index is not None:
                 x = x.gather(1, logits_index[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]
-            x = self.lm_head(self.final_layernorm(x))
+            x = self.final_layernorm(x)
+            w = self.lm_head.weight
+            if w.shape[0] > LM_HEAD_ROWS:
+                parts = w.split(LM_HEAD_ROWS)
+                x = torch.cat([torch.nn.functional.linear(x, p) for p in parts], dim=-1)
+            else:
+                x = self.lm_head(x)
             if x.dtype != torch.float32:  # fp32 logits: no fp16 ties at the argmax
                 x = x.float()
         return (x, torch.stack(present)) if self.kv_layout == "stacked" else (x, *present)

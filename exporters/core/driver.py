@@ -71,6 +71,13 @@ def verify_graph(sg: Subgraph, path: Path, cases: list, dtype: str) -> list:
     # each graph a few times only, so memory matters more than the speed packing buys.
     opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.enable_cpu_mem_arena = False
+    if dtype == "float16":
+        # onnxruntime's CPU kernels compute fp16 MatMuls in fp32. Optimised, it converts every
+        # weight to an fp32 copy at load (about three times the file at the peak: 2.94 GiB for
+        # VisualGLM's 1.4 GB last group); unoptimised, each weight is cast when it is used, and in
+        # priority order the cast runs next to its MatMul and is freed after it (1.70 GiB).
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     rows = []
     for gear, feeds, expected in cases:

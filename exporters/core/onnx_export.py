@@ -10,6 +10,8 @@ its serialised bytes), so the graph is traced *without* weights: parameters come
 graph inputs named by their state-dict keys, onnxsim simplifies the weight-free graph, and
 then each parameter is written as an initializer straight from the module's tensor, one
 at a time, into the ONNX file or its ``.data`` side file, after the folds of weight_folds.
+Even weight-free, the TorchScript exporter hands every parameter's values to its ONNX shape
+inference, which copies them (3 GB for a 1 GB fp16 lm_head): ``values_hidden`` keeps them from it.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ MAX_IR_VERSION = 8
 # into the protobuf and again into its serialised bytes, and protobuf caps at 2 GB.
 EXTERNAL_DATA_BYTES = 256 << 20
 _ALIGN = 64  # offsets in the side file, so a reader can map tensors in place
+_CHUNK_BYTES = 64 << 20  # a non-contiguous weight goes to the side file in blocks of about this size
 
 
 def export_onnx(sg: Subgraph, module: torch.nn.Module, out_dir: Path, opset: int = OPSET,
@@ -52,11 +55,12 @@ def export_onnx(sg: Subgraph, module: torch.nn.Module, out_dir: Path, opset: int
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         traced = Path(scratch) / "graph.onnx"
-        torch.onnx.export(
-            module.eval(), tuple(feeds[d.name] for d in sg.inputs), str(traced),
-            dynamo=False, opset_version=opset, export_params=False, do_constant_folding=False,
-            input_names=[d.name for d in sg.inputs], output_names=[d.name for d in sg.outputs],
-            dynamic_axes=axes or None)
+        with values_hidden():
+            torch.onnx.export(
+                module.eval(), tuple(feeds[d.name] for d in sg.inputs), str(traced),
+                dynamo=False, opset_version=opset, export_params=False, do_constant_folding=False,
+                input_names=[d.name for d in sg.inputs], output_names=[d.name for d in sg.outputs],
+                dynamic_axes=axes or None)
         model = onnx.load(str(traced))
     if simplify:
         model = _simplify(model, path)
@@ -64,6 +68,23 @@ def export_onnx(sg: Subgraph, module: torch.nn.Module, out_dir: Path, opset: int
     for stale in out_dir.glob(f"{sg.name}.onnx*"):
         stale.unlink()
     return attach_weights(model, dict(module.state_dict()), [d.name for d in sg.inputs], path)
+
+
+@contextmanager
+def values_hidden():
+    """The TorchScript exporter without the parameters' values: its graph passes and its ONNX shape
+    inference take them as a name -> tensor dict, and the shape inference converts every tensor in
+    it. With ``export_params=False`` and no constant folding nothing reads the values (the traced
+    graph types every parameter input already), so the dict is given empty, and the exporter's
+    own output is unchanged: tests/exporters/core/test_onnx_export.py compares the files."""
+    from torch.onnx._internal.torchscript_exporter import utils
+
+    named = utils._get_named_param_dict
+    utils._get_named_param_dict = lambda graph, params: {}
+    try:
+        yield
+    finally:
+        utils._get_named_param_dict = named
 
 
 def _simplify(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
@@ -108,13 +129,17 @@ def attach_weights(model: onnx.ModelProto, state: dict[str, torch.Tensor], user_
 
 
 def _initializer(tensor: torch.Tensor, name: str, side, data: Path | None) -> onnx.TensorProto:
-    array = tensor.contiguous().numpy()  # a copy only for a transposed weight, one at a time
     if data is None:
-        return numpy_helper.from_array(np.ascontiguousarray(array), name)
+        return numpy_helper.from_array(np.ascontiguousarray(tensor.numpy()), name)
+    array = tensor.numpy()
     offset = side.tell()
     pad = -offset % _ALIGN
     side.write(b"\0" * pad)
-    side.write(memoryview(array).cast("B"))
+    # A transposed weight (nn.Linear's, folded) is written in row blocks: no copy of it whole.
+    rows = max(1, _CHUNK_BYTES // max(1, array[:1].nbytes)) if array.ndim else 1
+    for start in range(0, max(1, len(array)) if array.ndim else 1, rows):
+        block = np.ascontiguousarray(array[start:start + rows] if array.ndim else array)
+        side.write(memoryview(block).cast("B"))
     t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
                          dims=list(array.shape), data_location=onnx.TensorProto.EXTERNAL)
     for k, v in (("location", data.name), ("offset", str(offset + pad)), ("length", str(array.nbytes))):

@@ -8,9 +8,12 @@ time:
 
 * ``Concat`` of weights, and ``Mul`` of a weight by a scalar constant -> the result stored (a
   graph may pack its projections, or fold a constant scale into one, in plain torch);
+* ``Split`` of a weight -> its parts stored (a graph may slice a huge projection, so that no
+  single weight of it is large: ChatGLM's 130528-row lm_head);
 * ``Transpose(W)`` feeding only MatMuls -> ``W^T`` stored (how nn.Linear traces);
 * three or more MatMuls that share their input and all multiply by weights -> one MatMul on
-  the concatenated weights and a Split (q/k/v: one GEMM instead of three).
+  the concatenated weights and a Split (q/k/v: one GEMM instead of three), unless their outputs
+  are concatenated again in order (a projection sliced on purpose, as above).
 
 The RMSNorm scale is *not* folded into the MatMuls after it: left as Pow, ReduceMean, Add,
 Sqrt, Div, Mul, onnxruntime fuses the whole norm into one SimplifiedLayerNormalization
@@ -86,6 +89,18 @@ def _fold_weight_ops(graph, weights, shapes) -> None:
             ref = list(shapes[parts[0]])
             ref[axis] = sum(shapes[p][axis] for p in parts)
             shapes[out] = tuple(ref)
+        elif node.op_type == "Split" and node.input and node.input[0] in weights and len(node.input) == 2:
+            sizes = _ints(graph, node.input[1])
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            if sizes is None or len(sizes) != len(node.output):
+                continue
+            w, start = node.input[0], 0
+            for part, size in zip(node.output, sizes):
+                weights[part] = (lambda f, a, b, ax: lambda: f().narrow(ax, a, b))(weights[w], start, size, axis)
+                shape = list(shapes[w])
+                shape[axis] = size
+                shapes[part] = tuple(shape)
+                start += size
         elif node.op_type == "Mul" and len(node.input) == 2 and sum(i in weights for i in node.input) == 1:
             w = next(i for i in node.input if i in weights)
             value = _scalar(graph, next(i for i in node.input if i != w))
@@ -98,6 +113,18 @@ def _fold_weight_ops(graph, weights, shapes) -> None:
         dead.append(node)
     _drop(graph, dead)
     _drop_unused_constants(graph)
+
+
+def _ints(graph: onnx.GraphProto, name: str) -> list[int] | None:
+    """The values of an int64 constant (an initializer or a Constant node's output)."""
+    for t in graph.initializer:
+        if t.name == name:
+            return [int(v) for v in numpy_helper.to_array(t).reshape(-1)]
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            t = next((a.t for a in node.attribute if a.name == "value"), None)
+            return None if t is None else [int(v) for v in numpy_helper.to_array(t).reshape(-1)]
+    return None
 
 
 def _drop_unused_constants(graph) -> None:
@@ -142,8 +169,13 @@ def _fuse_shared_input(graph, weights, shapes) -> None:
             groups.setdefault(node.input[0], []).append(node)
     new_nodes: dict[int, list[onnx.NodeProto]] = {}
     dead = []
+    users = _consumers(graph)
     for x, nodes in groups.items():
         if len(nodes) < MIN_FUSED or len({shapes[n.input[1]][0] for n in nodes}) != 1:
+            continue
+        outs = [n.output[0] for n in nodes]
+        after = {id(u): u for o in outs for u in users.get(o, [])}
+        if len(after) == 1 and next(iter(after.values())).op_type == "Concat":  # sliced on purpose
             continue
         parts = [n.input[1] for n in nodes]
         name = "cat(" + ",".join(parts) + ")"

@@ -176,10 +176,10 @@ def checkpoint_chatglm(open_source: Callable[[], TensorSource], cfg: ChatGLMConf
                        gears: Gears, dtype: str, tokenizer: dict) -> LlmParts:
     """Builders that each open the checkpoint (``open_source``) and read one graph's tensors at
     ``dtype``; ``tokenizer`` is the manifest entry (chatglm.tokenizer_entry)."""
-    from vlm2om.exporters.llm.chatglm import ChatGLMSpec
+    from vlm2om.exporters.llm.chatglm import ChatGLMSpec, chatglm_bounds
 
     td, rope = getattr(torch, dtype), max(gears.rope_length, cfg.max_positions)
-    bounds = group_bounds(cfg.layers, gears.layers_per_group)
+    bounds = chatglm_bounds(cfg, gears)
 
     def embed():
         state = embed_state(open_source(), cfg, td, keys).state

@@ -10,9 +10,14 @@ from vlm2om.runtime.errors import InputError
 from vlm2om.exporters.ascend.atc import MAX_GEARS
 
 
-def group_bounds(layers: int, per_group: int) -> list[tuple[int, int]]:
+def group_bounds(layers: int, per_group: int, last: int | None = None) -> list[tuple[int, int]]:
+    """Layer groups [start, stop) of ``per_group`` layers; ``last``: the final group (the one with
+    the LM head) holds at most that many layers, the others ``per_group`` each."""
     per_group = max(1, min(per_group, layers))
-    return [(s, min(s + per_group, layers)) for s in range(0, layers, per_group)]
+    if last is None or last >= per_group:
+        return [(s, min(s + per_group, layers)) for s in range(0, layers, per_group)]
+    head = layers - max(1, last)
+    return [(s, min(s + per_group, head)) for s in range(0, head, per_group)] + [(head, layers)]
 
 
 def decoder_gears(seq_gears: list[int], cache_gears: list[int], batch: int = 1) -> list[dict[str, int]]:

@@ -99,3 +99,50 @@ def test_float16_graphs_verify_against_float16_torch(fp16_bundle, name):
     model = onnx.load(str(fp16_bundle.root / f"{name}.onnx"))
     dtypes = {t.data_type for t in model.graph.initializer if len(t.dims) >= 2}
     assert dtypes == {onnx.TensorProto.FLOAT16}, "matrices are stored in fp16"
+
+
+def test_sliced_lm_head_is_folded_into_parts_not_fused_back(tmp_path, monkeypatch):
+    """ChatGLM's lm_head in vocabulary slices: the Split of the weight folds into one initializer
+    per slice (each written in row blocks to the side file), the slices' MatMuls are not fused back
+    into one, and the graph computes what the unsliced torch module computes."""
+    from vlm2om.exporters.core.subgraph import Subgraph, TensorDecl
+    from vlm2om.graphs import chatglm
+    from vlm2om.graphs.chatglm import ChatGLMConfig, ChatGLMDecoderGroup
+
+    cfg = ChatGLMConfig(vocab_size=700, hidden=32, layers=1, heads=2, ffn=64, max_positions=32)
+    group = ChatGLMDecoderGroup(cfg, 0, 1, kv_layout="per_layer")
+    torch.manual_seed(0)
+    for p in group.parameters():
+        p.data.normal_(0, 0.2)
+    want = group(torch.randn(1, 3, 32), torch.zeros(1, 2, 3, dtype=torch.long), torch.zeros(1, 0),
+                 torch.zeros(1, 2, 0, 16), torch.zeros(1, 2, 0, 16))[0]
+    monkeypatch.setattr(chatglm, "LM_HEAD_ROWS", 256)  # 700 rows -> slices of 256, 256, 188
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(onnx_export, "_CHUNK_BYTES", 1000)  # several row blocks per slice
+    sg = Subgraph("head", lambda: group, [TensorDecl("x", "float32", (1, 3, 32))],
+                  [TensorDecl("logits", "float32", (1, 3, 700))], lambda gear, gen: {"x": torch.randn(1, 3, 32)})
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g = group
+
+        def forward(self, x):
+            return self.g(x, torch.zeros(1, 2, 3, dtype=torch.long), torch.zeros(1, 0),
+                          torch.zeros(1, 2, 0, 16), torch.zeros(1, 2, 0, 16))[0]
+
+    x = torch.randn(1, 3, 32, generator=torch.Generator().manual_seed(1))
+    files = onnx_export.export_onnx(sg, Head(), tmp_path, simplify=False)
+    model = onnx.load(str(files[0]), load_external_data=False)
+    heads = sorted(tuple(t.dims) for t in model.graph.initializer if len(t.dims) == 2 and t.dims[0] == 32
+                   and t.dims[1] in (188, 256))
+    assert heads == [(32, 188), (32, 256), (32, 256)]
+    assert "lm_head.weight" not in {t.name for t in model.graph.initializer}  # only its slices are stored
+    ops = [n.op_type for n in model.graph.node]
+    assert ops[-4:] == ["MatMul", "MatMul", "MatMul", "Concat"]
+    assert not [n for n in model.graph.node if n.op_type == "Split" and "lm_head" in n.input[0]]
+    got = ort.InferenceSession(str(files[0]), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        expected = Head()(x)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-5)
+    assert want.shape == (1, 3, 700)

@@ -122,3 +122,16 @@ def test_random_llm_parts():
     last = parts.build_group(1)
     assert last.is_last and last.layers[0].attention.coeff == 4.0 and last.rope_cos.shape[0] == 160
     assert last.lm_head.weight.dtype == torch.float16 and parts.build_embed().word_embeddings.weight.shape == (128, 64)
+
+
+def test_the_lm_head_group_holds_one_layer():
+    """ChatGLM's 130528-row lm_head sits in a group of one layer; the others take layers_per_group."""
+    from vlm2om.exporters.llm.chatglm import chatglm_bounds
+    from vlm2om.exporters.llm.common import group_bounds
+
+    real = ChatGLMConfig()
+    bounds = chatglm_bounds(real, Gears(seq=(1,), cache=(8,), layers_per_group=2))
+    assert len(bounds) == 15 and bounds[-2:] == [(26, 27), (27, 28)] and bounds[0] == (0, 2)
+    assert [b - a for a, b in bounds] == [2] * 13 + [1, 1]
+    assert group_bounds(4, 3) == [(0, 3), (3, 4)] and group_bounds(5, 2, last=1) == [(0, 2), (2, 4), (4, 5)]
+    assert group_bounds(3, 1, last=1) == [(0, 1), (1, 2), (2, 3)] and group_bounds(1, 2, last=1) == [(0, 1)]

@@ -63,7 +63,7 @@ def test_om_stand_in_gives_the_same_tokens_as_onnxruntime(visualglm_bundle, tmp_
     assert modes["vision"] == modes["bridge"] == "static" and modes["decoder_0"] == "dymdims"
 
 
-def test_cli_export_run_verify_bench(tmp_path, sample_image):
+def test_cli_export_run_chat_verify_bench(tmp_path, sample_image):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = tmp_path / "visualglm"
     r = run_cli("export", "visualglm", "--preset", "tiny", "--out", out, env=env)
@@ -71,6 +71,10 @@ def test_cli_export_run_verify_bench(tmp_path, sample_image):
     r = run_cli("run", out, "--image", sample_image, "--prompt", "描述这张图片。", "--max-new-tokens", "8",
                 "--stats", env=env, timeout=120)
     assert r.returncode == 0, r.stderr
+    r = run_cli("chat", out, "--image", sample_image, "--greedy", "--max-new-tokens", "6",
+                input="描述这张图片。\nAnd in English?\n/quit\n", env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("assistant> ") == 2
     r = run_cli("verify", out, "--reference", "--out", tmp_path / "rep", env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "PASS" in r.stdout
