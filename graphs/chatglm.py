@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .common import LayerNorm32, group_cache
-from .llama import KV_LAYOUTS, rotate_half_matrix
+from .common import LM_HEAD_ROWS, LayerNorm32, check_group, group_cache, group_outputs, head_logits
+from .llama import rotate_half_matrix
 
 # How the RoPE table is rounded: "fp32" (SwissArmyTransformer 0.4.12: its inv_freq.half() is
 # commented out), "fp16_inv_freq" (modeling_chatglm.py's inv_freq.half() with fp32 angles: the HF
@@ -46,10 +46,6 @@ from .llama import KV_LAYOUTS, rotate_half_matrix
 # in fp16: positions, inv_freq, angles and cos/sin all fp16).
 ROPE_PRECISIONS = ("fp32", "fp16_inv_freq", "fp16")
 MASKED_SCORE = -10000.0
-# lm_head in vocabulary slices of at most this many rows (130528 -> 8 MatMuls and a Concat): no
-# single weight of the last group is then larger than 128 MiB in fp16, which keeps the export's
-# verification on onnxruntime's CPU kernels (fp32 copies of fp16 weights) near the group's size.
-LM_HEAD_ROWS = 16384
 
 
 @dataclass(frozen=True)
@@ -208,10 +204,7 @@ class ChatGLMDecoderGroup(nn.Module):
     def __init__(self, cfg: ChatGLMConfig, start: int, stop: int, rope_length: int | None = None,
                  kv_layout: str = "stacked"):
         super().__init__()
-        if not 0 <= start < stop <= cfg.layers:
-            raise ValueError(f"layer group [{start}, {stop}) is outside 0..{cfg.layers}")
-        if kv_layout not in KV_LAYOUTS:
-            raise ValueError(f"kv_layout {kv_layout!r}: choose one of {KV_LAYOUTS}")
+        check_group(start, stop, cfg.layers, kv_layout)
         self.cfg, self.start, self.stop, self.kv_layout = cfg, start, stop, kv_layout
         self.layers = nn.ModuleList(GLMBlock(cfg, layer_id) for layer_id in range(start, stop))
         self.is_last = stop == cfg.layers
@@ -247,15 +240,5 @@ class ChatGLMDecoderGroup(nn.Module):
             x, k, v = layer(x, rope, past_ok, new_ok, past[2 * i], past[2 * i + 1], dims)
             present += [torch.stack([k, v])] if self.kv_layout == "stacked" else [k, v]
         if self.is_last:
-            if logits_index is not None:
-                x = x.gather(1, logits_index[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]
-            x = self.final_layernorm(x)
-            w = self.lm_head.weight
-            if w.shape[0] > LM_HEAD_ROWS:
-                parts = w.split(LM_HEAD_ROWS)
-                x = torch.cat([torch.nn.functional.linear(x, p) for p in parts], dim=-1)
-            else:
-                x = self.lm_head(x)
-            if x.dtype != torch.float32:  # fp32 logits: no fp16 ties at the argmax
-                x = x.float()
-        return (x, torch.stack(present)) if self.kv_layout == "stacked" else (x, *present)
+            x = head_logits(x, logits_index, self.final_layernorm, self.lm_head, LM_HEAD_ROWS)
+        return group_outputs(x, present, self.kv_layout)

@@ -76,3 +76,51 @@ def group_cache(cache: tuple, layers: int, kv_layout: str, logits_index=None):
     past = cache[0].flatten(0, 1).unbind(0) if stacked else cache[:2 * layers]
     return past, (extra[0] if extra else logits_index)
 
+
+
+KV_LAYOUTS = ("stacked", "per_layer")
+# A vocabulary projection wider than this many rows is computed in slices of it and concatenated
+# (ChatGLM's 130528, InternLM2's 92544 rows -> 8, 6 MatMuls): no single weight of the last group
+# is then larger than 128 MiB in fp16, which keeps the export's verification on onnxruntime's CPU
+# kernels (fp32 copies of fp16 weights) near the group's own size.
+LM_HEAD_ROWS = 16384
+
+
+def check_group(start: int, stop: int, layers: int, kv_layout: str) -> None:
+    """A decoder group's bounds and cache layout, as every LLM kind's group takes them."""
+    if not 0 <= start < stop <= layers:
+        raise ValueError(f"layer group [{start}, {stop}) is outside 0..{layers}")
+    if kv_layout not in KV_LAYOUTS:
+        raise ValueError(f"kv_layout {kv_layout!r}: choose one of {KV_LAYOUTS}")
+
+
+def group_outputs(x: torch.Tensor, present: list[torch.Tensor], kv_layout: str) -> tuple:
+    """(hidden or logits, the new keys and values as ``kv_layout`` returns them)."""
+    if kv_layout == "stacked":
+        return x, torch.stack(present)
+    return (x, *present)
+
+
+def head_logits(x: torch.Tensor, logits_index, norm: nn.Module, head: nn.Linear,
+                rows: int | None = None) -> torch.Tensor:
+    """The last group's logits: the ``logits_index`` position per row (all of them without it),
+    the final norm, the head (in slices of ``rows`` rows where it is wider; ``LM_HEAD_ROWS`` for
+    the wide vocabularies), in fp32 so that an argmax sees no fp16 ties."""
+    if logits_index is not None:
+        x = x.gather(1, logits_index[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]
+    x = norm(x)
+    w = head.weight
+    if rows is not None and w.shape[0] > rows:
+        x = torch.cat([torch.nn.functional.linear(x, part) for part in w.split(rows)], dim=-1)
+    else:
+        x = head(x)
+    return x.float() if x.dtype != torch.float32 else x
+
+
+def causal_biases(position_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive fp32 attention biases of a causal group: the valid cache slots [B, 1, 1, C], and
+    the new tokens causal by position [B, 1, S, S] (0 where seen, finfo.min elsewhere)."""
+    zero, neg = torch.zeros((), dtype=torch.float32), torch.full((), torch.finfo(torch.float32).min)
+    past = torch.where(attention_mask[:, None, None, :] > 0.5, zero, neg)
+    new = torch.where((position_ids[:, None, :] <= position_ids[:, :, None]).unsqueeze(1), zero, neg)
+    return past, new

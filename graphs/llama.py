@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import group_cache
+from .common import causal_biases, check_group, group_cache, group_outputs, head_logits
 
 
 
@@ -173,9 +173,6 @@ class LlamaEmbedding(nn.Module):
         return self.embed_tokens(input_ids)
 
 
-KV_LAYOUTS = ("stacked", "per_layer")
-
-
 class LlamaDecoderGroup(nn.Module):
     """Layers ``[start, stop)``; the group that ends the model adds the final norm and lm_head.
 
@@ -188,10 +185,7 @@ class LlamaDecoderGroup(nn.Module):
     def __init__(self, cfg: LlamaConfig, start: int, stop: int, rope_length: int | None = None,
                  kv_layout: str = "stacked"):
         super().__init__()
-        if not 0 <= start < stop <= cfg.layers:
-            raise ValueError(f"layer group [{start}, {stop}) is outside 0..{cfg.layers}")
-        if kv_layout not in KV_LAYOUTS:
-            raise ValueError(f"kv_layout {kv_layout!r}: choose one of {KV_LAYOUTS}")
+        check_group(start, stop, cfg.layers, kv_layout)
         self.cfg, self.start, self.stop, self.kv_layout = cfg, start, stop, kv_layout
         self.layers = nn.ModuleList(LlamaLayer(cfg) for _ in range(stop - start))
         self.is_last = stop == cfg.layers
@@ -215,20 +209,13 @@ class LlamaDecoderGroup(nn.Module):
         dtype = hidden_states.dtype
         cos = self.rope_cos[position_ids].unsqueeze(1).to(dtype)  # [B, 1, S, D]
         sin = self.rope_sin[position_ids].unsqueeze(1).to(dtype)
-        # Additive biases, fp32: valid cache slots [B,1,1,C]; new tokens causal by position [B,1,S,S].
-        zero, neg = torch.zeros((), dtype=torch.float32), torch.full((), torch.finfo(torch.float32).min)
-        bias_past = torch.where(attention_mask[:, None, None, :] > 0.5, zero, neg)
-        bias_new = torch.where((position_ids[:, None, :] <= position_ids[:, :, None]).unsqueeze(1), zero, neg)
+        bias_past, bias_new = causal_biases(position_ids, attention_mask)
         rope = (cos, sin, self.rope_rot.to(dtype))
         dims = (hidden_states.shape[0], hidden_states.shape[1], attention_mask.shape[1])
         x, present = hidden_states, []
         for i, layer in enumerate(self.layers):
             x, k, v = layer(x, rope, bias_past, bias_new, past[2 * i], past[2 * i + 1], dims)
             present += [torch.stack([k, v])] if self.kv_layout == "stacked" else [k, v]
-        if self.is_last:
-            if logits_index is not None:
-                x = x.gather(1, logits_index[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]
-            x = self.lm_head(self.norm(x))
-            if x.dtype != torch.float32:  # fp32 logits: no fp16 ties at the argmax (no op traced in fp32)
-                x = x.float()
-        return (x, torch.stack(present)) if self.kv_layout == "stacked" else (x, *present)
+        if self.is_last:  # the Llama head is narrow (32000 rows): one MatMul
+            x = head_logits(x, logits_index, self.norm, self.lm_head)
+        return group_outputs(x, present, self.kv_layout)

@@ -27,7 +27,7 @@ from vlm2om.exporters.llm.common import LlmParts, decoder_gears, group_bounds, k
 @dataclass(frozen=True)
 class LlamaSpec:
     cfg: LlamaConfig
-    kv_layout: str = "stacked"  # graphs/llama.py KV_LAYOUTS
+    kv_layout: str = "stacked"  # graphs/common.py KV_LAYOUTS
     attention = "causal"
     # A Llama SentencePiece tokenizer (LLaMA-1/2, Vicuna v0/v1.5, the tiny preset's): <unk>=0, <s>=1, </s>=2.
     tokenizer = {"kind": "sentencepiece", "file": "tokenizer.model", "bos_id": 1, "eos_id": 2, "eos_ids": [2]}
