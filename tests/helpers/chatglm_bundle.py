@@ -1,4 +1,4 @@
-"""A tiny ChatGLM bundle folder for runtime tests, written from exporters/llm/chatglm.py's specs.
+"""A tiny ChatGLM (or any LLM kind's) bundle folder for runtime tests, written from exporters/llm's specs.
 
 It is not a whole family bundle (no image graphs, tokenizer, prompt or generation entry; those
 come with the VisualGLM family): only the embed and decoder graphs, exported through
@@ -42,7 +42,14 @@ def write_chatglm_bundle(folder: Path, cfg: ChatGLMConfig, embed: nn.Module, gro
                          batches: tuple[int, ...] = (1,), dtype: str = "float32") -> tuple[Bundle, dict]:
     """Export ``embed`` and ``groups`` into ``folder``; (the Bundle, its manifest) with the
     manifest written to ``manifest.json`` too."""
-    spec = ChatGLMSpec(cfg, kv_layout=groups[0].kv_layout)
+    return write_llm_bundle(folder, ChatGLMSpec(cfg, kv_layout=groups[0].kv_layout), embed, groups, bounds, seq,
+                            cache, batches, dtype)
+
+
+def write_llm_bundle(folder: Path, spec, embed: nn.Module, groups: list[nn.Module], bounds: list[tuple[int, int]],
+                     seq: list[int], cache: list[int], batches: tuple[int, ...] = (1,),
+                     dtype: str = "float32") -> tuple[Bundle, dict]:
+    """The same for any LLM kind's decoder ``spec`` (exporters/llm)."""
     subgraphs = [spec.embed_subgraph(lambda: embed, seq, dtype)]
     subgraphs += [spec.group_subgraph(i, lambda g=g: g, b, seq, cache, dtype)
                   for i, (g, b) in enumerate(zip(groups, bounds))]
@@ -56,7 +63,8 @@ def write_chatglm_bundle(folder: Path, cfg: ChatGLMConfig, embed: nn.Module, gro
     manifest = {
         "schema_version": 2, "task": "chat", "files": files, "graphs": graphs,
         "pipeline": {"image_graphs": [], "embed_graph": "embed", "decoder_graphs": [s.name for s in subgraphs[1:]],
-                     "attention": spec.attention, "positions": dict(spec.positions),
+                     "attention": spec.attention,
+                     **({"positions": dict(spec.positions)} if getattr(spec, "positions", None) else {}),
                      "hidden_size": spec.hidden, "embeds_dtype": dtype},
         "kv_cache": spec.kv_manifest(bounds, cache, dtype),
     }
