@@ -84,3 +84,19 @@ def kv_manifest(layout: str, layers: int, kv_heads: int, head_dim: int, bounds: 
         "dtype": dtype, "num_layers": layers, "kv_heads": kv_heads, "head_dim": head_dim,
         "group_layers": [b - a for a, b in bounds], "capacity_gears": sorted(cache_gears),
     }
+
+
+def group_subgraph(index: int, build, inputs: list, presents: list, make, seq_gears: list[int],
+                   cache_gears: list[int], bounds: tuple[int, int], hidden: int, vocab: int, last: bool,
+                   dtype: str):
+    """``decoder_{index}`` from a kind's own inputs (hidden, positions, masks, cache) and presents:
+    the last group also takes ``logits_index`` and returns fp32 logits (so an argmax sees no fp16
+    ties), the others the next group's hidden states."""
+    from vlm2om.exporters.core.subgraph import Subgraph, TensorDecl
+
+    if last:
+        inputs = [*inputs, TensorDecl("logits_index", "int64", ("batch",), "logits_index")]
+    out = TensorDecl("logits", "float32", ("batch", vocab), "logits") if last else \
+        TensorDecl("hidden_states_out", dtype, ("batch", "seq", hidden), "hidden")
+    return Subgraph(f"decoder_{index}", build, inputs, [out, *presents], make,
+                    decoder_gears(seq_gears, cache_gears), extra={"layers": list(bounds)})

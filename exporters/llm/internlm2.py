@@ -19,7 +19,7 @@ from vlm2om.graphs.internlm2 import InternLM2Config, InternLM2DecoderGroup, Inte
 
 from vlm2om.exporters.core.options import Gears
 from vlm2om.exporters.core.subgraph import Subgraph, TensorDecl
-from vlm2om.exporters.llm.common import LlmParts, decoder_gears, group_bounds, kv_decls, kv_feed, kv_manifest
+from vlm2om.exporters.llm.common import LlmParts, group_bounds, group_subgraph, kv_decls, kv_feed, kv_manifest
 from vlm2om.exporters.llm.embed import embed_subgraph
 
 # InternLM2's SentencePiece: <s> 1, </s> 2; the chat also stops at [UNUSED_TOKEN_145] (92542).
@@ -68,12 +68,8 @@ class InternLM2Spec:
                   TensorDecl("position_ids", "int64", ("batch", "seq"), "positions"),
                   TensorDecl("attention_mask", "float32", ("batch", "cache"), "valid_mask"),
                   TensorDecl("im_mask", "float32", ("batch", "seq"), "image_mask"), *past]
-        if last:
-            inputs.append(TensorDecl("logits_index", "int64", ("batch",), "logits_index"))
-        out = TensorDecl("logits", "float32", ("batch", cfg.vocab_size), "logits") if last else \
-            TensorDecl("hidden_states_out", dtype, ("batch", "seq", cfg.hidden), "hidden")
-        return Subgraph(f"decoder_{index}", build, inputs, [out, *presents], make,
-                        decoder_gears(seq_gears, cache_gears), extra={"layers": [start, stop]})
+        return group_subgraph(index, build, inputs, presents, make, seq_gears, cache_gears, bounds, cfg.hidden,
+                              cfg.vocab_size, last, dtype)
 
     def kv_manifest(self, bounds: list[tuple[int, int]], cache_gears: list[int], dtype: str) -> dict:
         cfg = self.cfg

@@ -21,7 +21,7 @@ from vlm2om.exporters.core.checkpoints import assign
 from vlm2om.exporters.core.options import Gears
 from vlm2om.exporters.core.subgraph import Subgraph, TensorDecl
 from vlm2om.exporters.llm.embed import embed_subgraph
-from vlm2om.exporters.llm.common import LlmParts, decoder_gears, group_bounds, kv_decls, kv_feed, kv_manifest
+from vlm2om.exporters.llm.common import LlmParts, group_bounds, group_subgraph, kv_decls, kv_feed, kv_manifest
 
 
 @dataclass(frozen=True)
@@ -64,13 +64,8 @@ class LlamaSpec:
         inputs = [TensorDecl("hidden_states", dtype, ("batch", "seq", cfg.hidden), "hidden"),
                   TensorDecl("position_ids", "int64", ("batch", "seq"), "positions"),
                   TensorDecl("attention_mask", "float32", ("batch", "cache"), "valid_mask"), *past]
-        if last:  # logits of one position per row: see graphs/llama.py
-            inputs.append(TensorDecl("logits_index", "int64", ("batch",), "logits_index"))
-        # Logits in fp32 whatever the graph's dtype, so that an argmax sees no fp16 ties.
-        out = TensorDecl("logits", "float32", ("batch", cfg.vocab_size), "logits") if last else \
-            TensorDecl("hidden_states_out", dtype, ("batch", "seq", cfg.hidden), "hidden")
-        return Subgraph(f"decoder_{index}", build, inputs, [out, *presents], make,
-                        decoder_gears(seq_gears, cache_gears), extra={"layers": [start, stop]})
+        return group_subgraph(index, build, inputs, presents, make, seq_gears, cache_gears, bounds, cfg.hidden,
+                              cfg.vocab_size, last, dtype)
 
     def kv_manifest(self, bounds: list[tuple[int, int]], cache_gears: list[int], dtype: str) -> dict:
         """The manifest's ``kv_cache`` entry (see docs/bundle.md)."""
