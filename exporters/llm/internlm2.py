@@ -8,8 +8,7 @@ computes it (the runtime fills it from each prompt's layout). Attention is causa
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,62 +17,28 @@ from vlm2om.graphs.common import cast_module, init_random_
 from vlm2om.graphs.internlm2 import InternLM2Config, InternLM2DecoderGroup, InternLM2Embedding
 
 from vlm2om.exporters.core.options import Gears
-from vlm2om.exporters.core.subgraph import Subgraph, TensorDecl
-from vlm2om.exporters.llm.common import LlmParts, group_bounds, group_subgraph, kv_decls, kv_feed, kv_manifest
-from vlm2om.exporters.llm.embed import embed_subgraph
+from vlm2om.exporters.core.subgraph import TensorDecl
+from vlm2om.exporters.llm.common import LlmParts, group_bounds
+from vlm2om.exporters.llm.llama import LlamaSpec
 
 # InternLM2's SentencePiece: <s> 1, </s> 2; the chat also stops at [UNUSED_TOKEN_145] (92542).
 TOKENIZER = {"kind": "sentencepiece", "file": "tokenizer.model", "bos_id": 1, "eos_id": 2, "eos_ids": [2, 92542]}
 
 
 @dataclass(frozen=True)
-class InternLM2Spec:
+class InternLM2Spec(LlamaSpec):
+    """The Llama kind's graphs (the same inputs, cache and head) plus ``im_mask``; ``cfg`` is an
+    InternLM2Config, whose size fields have the LlamaConfig names the Llama kind reads."""
+
     cfg: InternLM2Config
-    tokenizer: dict = field(default_factory=lambda: dict(TOKENIZER))
-    kv_layout: str = "stacked"
-    special_tokens = {"bos": "<s>", "eos": "</s>", "unk": "<unk>"}
-    attention = "causal"
+    tokenizer = TOKENIZER
 
-    @property
-    def hidden(self) -> int:
-        return self.cfg.hidden
+    def extra_inputs(self) -> list[TensorDecl]:
+        return [TensorDecl("im_mask", "float32", ("batch", "seq"), "image_mask")]
 
-    def embed_subgraph(self, build: Callable[[], nn.Module], seq_gears: list[int], dtype: str) -> Subgraph:
-        return embed_subgraph(build, self.cfg.vocab_size, self.cfg.hidden, seq_gears, dtype)
-
-    def group_subgraph(self, index: int, build: Callable[[], nn.Module], bounds: tuple[int, int],
-                       seq_gears: list[int], cache_gears: list[int], dtype: str) -> Subgraph:
-        """Layers ``bounds`` = [start, stop); ``build`` makes that InternLM2DecoderGroup."""
-        cfg, (start, stop) = self.cfg, bounds
-        n, kvh, d = stop - start, cfg.kv_heads, cfg.head_dim
-        tdtype, last = getattr(torch, dtype), stop == cfg.layers
-
-        def make(gear, gen):
-            """Image positions on about half of the new tokens, so PLoRA runs in the verification."""
-            b, s, c = gear["batch"], gear["seq"], gear["cache"]
-            valid = int(torch.randint(1, c, (), generator=gen))
-            mask = torch.zeros(b, c)
-            mask[:, :valid] = 1
-            past = torch.randn(n, 2, b, kvh, c, d, generator=gen).to(tdtype)
-            return {
-                "hidden_states": torch.randn(b, s, cfg.hidden, generator=gen).to(tdtype),
-                "position_ids": (valid + torch.arange(s)).expand(b, s).contiguous(),
-                "attention_mask": mask, "im_mask": (torch.rand(b, s, generator=gen) > 0.5).float(),
-                **kv_feed(self.kv_layout, start, past),
-                **({"logits_index": torch.randint(0, s, (b,), generator=gen)} if last else {}),
-            }
-
-        past, presents = kv_decls(self.kv_layout, start, n, kvh, d, dtype)
-        inputs = [TensorDecl("hidden_states", dtype, ("batch", "seq", cfg.hidden), "hidden"),
-                  TensorDecl("position_ids", "int64", ("batch", "seq"), "positions"),
-                  TensorDecl("attention_mask", "float32", ("batch", "cache"), "valid_mask"),
-                  TensorDecl("im_mask", "float32", ("batch", "seq"), "image_mask"), *past]
-        return group_subgraph(index, build, inputs, presents, make, seq_gears, cache_gears, bounds, cfg.hidden,
-                              cfg.vocab_size, last, dtype)
-
-    def kv_manifest(self, bounds: list[tuple[int, int]], cache_gears: list[int], dtype: str) -> dict:
-        cfg = self.cfg
-        return kv_manifest(self.kv_layout, cfg.layers, cfg.kv_heads, cfg.head_dim, bounds, cache_gears, dtype)
+    def extra_feeds(self, batch: int, seq: int, gen: torch.Generator) -> dict:
+        """Image positions on about half of the new tokens, so PLoRA runs in the verification."""
+        return {"im_mask": (torch.rand(batch, seq, generator=gen) > 0.5).float()}
 
     @staticmethod
     @torch.no_grad()
@@ -98,5 +63,5 @@ def random_llm(cfg: InternLM2Config, gears: Gears, seed: int, dtype: str) -> Llm
         module = InternLM2DecoderGroup(cfg, a, b, rope, gears.kv_layout)
         return cast_module(init_random_(module, seed + 10 + a, 0.1), td)
 
-    return LlmParts(InternLM2Spec(cfg, kv_layout=gears.kv_layout), bounds,
+    return LlmParts(InternLM2Spec(cfg, gears.kv_layout), bounds,
                     lambda: cast_module(init_random_(InternLM2Embedding(cfg), seed + 4, 1.0), td), group)

@@ -53,19 +53,29 @@ class LlamaSpec:
             mask = torch.zeros(b, c)
             mask[:, :valid] = 1
             past = torch.randn(n, 2, b, kvh, c, d, generator=gen).to(tdtype)
-            return {
+            feeds = {
                 "hidden_states": torch.randn(b, s, cfg.hidden, generator=gen).to(tdtype),
                 "position_ids": (valid + torch.arange(s)).expand(b, s).contiguous(),
                 "attention_mask": mask, **kv_feed(self.kv_layout, start, past),
                 **({"logits_index": torch.randint(0, s, (b,), generator=gen)} if last else {}),
             }
+            return {**feeds, **self.extra_feeds(b, s, gen)}
 
         past, presents = kv_decls(self.kv_layout, start, n, kvh, d, dtype)
         inputs = [TensorDecl("hidden_states", dtype, ("batch", "seq", cfg.hidden), "hidden"),
                   TensorDecl("position_ids", "int64", ("batch", "seq"), "positions"),
-                  TensorDecl("attention_mask", "float32", ("batch", "cache"), "valid_mask"), *past]
+                  TensorDecl("attention_mask", "float32", ("batch", "cache"), "valid_mask"), *self.extra_inputs(),
+                  *past]
         return group_subgraph(index, build, inputs, presents, make, seq_gears, cache_gears, bounds, cfg.hidden,
                               cfg.vocab_size, last, dtype)
+
+    def extra_inputs(self) -> list[TensorDecl]:
+        """Inputs a kind built on this one adds after the masks (InternLM2's ``im_mask``)."""
+        return []
+
+    def extra_feeds(self, batch: int, seq: int, gen: torch.Generator) -> dict:
+        """Their verification feeds (drawn after the others, so the Llama feeds stay as they were)."""
+        return {}
 
     def kv_manifest(self, bounds: list[tuple[int, int]], cache_gears: list[int], dtype: str) -> dict:
         """The manifest's ``kv_cache`` entry (see docs/bundle.md)."""
