@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from vlm2om.graphs.chatglm import ChatGLMConfig, ChatGLMDecoderGroup, ChatGLMEmbedding
-from vlm2om.graphs.common import cast_module, init_random_
 
 from vlm2om.exporters.core.options import Gears
 from vlm2om.exporters.core.subgraph import Subgraph, TensorDecl
 from vlm2om.exporters.llm.embed import embed_subgraph
-from vlm2om.exporters.llm.common import LlmParts, group_bounds, group_subgraph, kv_decls, kv_feed, kv_manifest
+from vlm2om.exporters.llm.common import (LlmParts, empty_cache, group_bounds, group_subgraph, kv_decls, kv_feed,
+                                         kv_manifest, random_parts)
 
 POSITIONS = {"kind": "glm_2d"}  # runtime/schema.py POSITIONS
 # The last group holds one GLM layer beside the 130528-row lm_head (1 GB in fp16): with two, the
@@ -120,24 +120,17 @@ class ChatGLMSpec:
         """A decoder group over a whole sequence [1, T, H] with an empty cache: the first
         ``prompt`` positions are the context through <sop> (default: all of ``x``), the rest
         answer tokens. Unlike the causal kinds, ChatGLM's numbers depend on where the context ends."""
-        cfg, n, t = group.cfg, group.stop - group.start, x.shape[1]
+        t = x.shape[1]
         index = torch.arange(t)[None]
         positions = glm_2d_positions(index, torch.tensor([t if prompt is None else prompt]))
-        past = torch.zeros(n, 2, 1, cfg.heads, 0, cfg.head_dim, dtype=x.dtype)
-        cache = [past] if group.kv_layout == "stacked" else [past[j // 2, j % 2] for j in range(2 * n)]
-        return group(x, positions, torch.zeros(1, 0), *cache)[0]
+        return group(x, positions, torch.zeros(1, 0), *empty_cache(group, group.cfg.heads, x.dtype))[0]
 
 
 def random_llm(cfg: ChatGLMConfig, gears: Gears, seed: int, dtype: str, tokenizer: dict) -> LlmParts:
     """Seeded random weights: the embedding from ``seed + 4``, group [a, b) from ``seed + 10 + a``
     (the Llama kind's seeds). The RoPE table covers ``gears.rope_length`` positions at least;
     ``tokenizer`` is the manifest entry (``tokenizer_entry``)."""
-    td, rope = getattr(torch, dtype), max(gears.rope_length, cfg.max_positions)
-    bounds = chatglm_bounds(cfg, gears)
-
-    def group(i: int):
-        a, b = bounds[i]
-        return cast_module(init_random_(ChatGLMDecoderGroup(cfg, a, b, rope, gears.kv_layout), seed + 10 + a, 0.1), td)
-
-    return LlmParts(ChatGLMSpec(cfg, tokenizer, gears.kv_layout), bounds,
-                    lambda: cast_module(init_random_(ChatGLMEmbedding(cfg), seed + 4, 1.0), td), group)
+    rope = max(gears.rope_length, cfg.max_positions)
+    return random_parts(ChatGLMSpec(cfg, tokenizer, gears.kv_layout), chatglm_bounds(cfg, gears),
+                        lambda a, b: ChatGLMDecoderGroup(cfg, a, b, rope, gears.kv_layout),
+                        lambda: ChatGLMEmbedding(cfg), seed, dtype)

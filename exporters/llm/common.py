@@ -100,3 +100,29 @@ def group_subgraph(index: int, build, inputs: list, presents: list, make, seq_ge
         TensorDecl("hidden_states_out", dtype, ("batch", "seq", hidden), "hidden")
     return Subgraph(f"decoder_{index}", build, inputs, [out, *presents], make,
                     decoder_gears(seq_gears, cache_gears), extra={"layers": list(bounds)})
+
+
+def random_parts(spec, bounds: list[tuple[int, int]], make_group, make_embed, seed: int, dtype: str) -> LlmParts:
+    """Seeded random weights for any kind: the embedding from ``seed + 4``, group [a, b) from
+    ``seed + 10 + a`` (so a weight does not depend on how the layers are grouped);
+    ``make_group(a, b)`` and ``make_embed()`` build the empty modules."""
+    import torch
+
+    from vlm2om.graphs.common import cast_module, init_random_
+
+    td = getattr(torch, dtype)
+
+    def group(i: int):
+        a, b = bounds[i]
+        return cast_module(init_random_(make_group(a, b), seed + 10 + a, 0.1), td)
+
+    return LlmParts(spec, bounds, lambda: cast_module(init_random_(make_embed(), seed + 4, 1.0), td), group)
+
+
+def empty_cache(group, kv_heads: int, dtype) -> list:
+    """A group's cache arguments holding no position (the torch references' whole-sequence runs)."""
+    import torch
+
+    n = group.stop - group.start
+    past = torch.zeros(n, 2, 1, kv_heads, 0, group.cfg.head_dim, dtype=dtype)
+    return [past] if group.kv_layout == "stacked" else [past[j // 2, j % 2] for j in range(2 * n)]

@@ -11,14 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from vlm2om.graphs.common import cast_module, init_random_
 from vlm2om.graphs.internlm2 import InternLM2Config, InternLM2DecoderGroup, InternLM2Embedding
 
 from vlm2om.exporters.core.options import Gears
 from vlm2om.exporters.core.subgraph import TensorDecl
-from vlm2om.exporters.llm.common import LlmParts, group_bounds
+from vlm2om.exporters.llm.common import LlmParts, empty_cache, group_bounds, random_parts
 from vlm2om.exporters.llm.llama import LlamaSpec
 
 # InternLM2's SentencePiece: <s> 1, </s> 2; the chat also stops at [UNUSED_TOKEN_145] (92542).
@@ -46,22 +44,15 @@ class InternLM2Spec(LlamaSpec):
                           image_mask: torch.Tensor | None = None) -> torch.Tensor:
         """A group over a whole sequence [1, T, H] with an empty cache (causal); ``image_mask``
         [1, T] marks the image positions (default: none)."""
-        cfg, n, t = group.cfg, group.stop - group.start, x.shape[1]
-        past = torch.zeros(n, 2, 1, cfg.kv_heads, 0, cfg.head_dim, dtype=x.dtype)
-        cache = [past] if group.kv_layout == "stacked" else [past[j // 2, j % 2] for j in range(2 * n)]
+        t = x.shape[1]
+        cache = empty_cache(group, group.cfg.kv_heads, x.dtype)
         flags = torch.zeros(1, t) if image_mask is None else image_mask.float()
         return group(x, torch.arange(t)[None], torch.zeros(1, 0), flags, *cache)[0]
 
 
 def random_llm(cfg: InternLM2Config, gears: Gears, seed: int, dtype: str) -> LlmParts:
-    """Seeded random weights (the Llama kind's seeds; the LoRA factors at 0.1 like the rest)."""
-    td, rope = getattr(torch, dtype), gears.rope_length
-    bounds = group_bounds(cfg.layers, gears.layers_per_group)
-
-    def group(i: int):
-        a, b = bounds[i]
-        module = InternLM2DecoderGroup(cfg, a, b, rope, gears.kv_layout)
-        return cast_module(init_random_(module, seed + 10 + a, 0.1), td)
-
-    return LlmParts(InternLM2Spec(cfg, gears.kv_layout), bounds,
-                    lambda: cast_module(init_random_(InternLM2Embedding(cfg), seed + 4, 1.0), td), group)
+    """Seeded random weights (``common.random_parts``; the LoRA factors at 0.1 like the rest)."""
+    rope = gears.rope_length
+    return random_parts(InternLM2Spec(cfg, gears.kv_layout), group_bounds(cfg.layers, gears.layers_per_group),
+                        lambda a, b: InternLM2DecoderGroup(cfg, a, b, rope, gears.kv_layout),
+                        lambda: InternLM2Embedding(cfg), seed, dtype)

@@ -14,14 +14,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from vlm2om.graphs.common import cast_module, init_random_
+from vlm2om.graphs.common import cast_module
 from vlm2om.graphs.llama import LlamaConfig, LlamaDecoderGroup, LlamaEmbedding
 
 from vlm2om.exporters.core.checkpoints import assign
 from vlm2om.exporters.core.options import Gears
 from vlm2om.exporters.core.subgraph import Subgraph, TensorDecl
 from vlm2om.exporters.llm.embed import embed_subgraph
-from vlm2om.exporters.llm.common import LlmParts, group_bounds, group_subgraph, kv_decls, kv_feed, kv_manifest
+from vlm2om.exporters.llm.common import (LlmParts, empty_cache, group_bounds, group_subgraph, kv_decls, kv_feed,
+                                         kv_manifest, random_parts)
 
 
 @dataclass(frozen=True)
@@ -87,24 +88,16 @@ class LlamaSpec:
     def reference_forward(group, x: torch.Tensor, prompt: int | None = None) -> torch.Tensor:
         """A decoder group over a whole sequence [1, T, H] with an empty cache (causal: where the
         prompt ends, ``prompt``, changes nothing)."""
-        cfg, n = group.cfg, group.stop - group.start
-        past = torch.zeros(n, 2, 1, cfg.kv_heads, 0, cfg.head_dim, dtype=x.dtype)
-        cache = [past] if group.kv_layout == "stacked" else [past[j // 2, j % 2] for j in range(2 * n)]
+        cache = empty_cache(group, group.cfg.kv_heads, x.dtype)
         return group(x, torch.arange(x.shape[1])[None], torch.zeros(1, 0), *cache)[0]
 
 
 def random_llm(llama: LlamaConfig, gears: Gears, seed: int, dtype: str) -> LlmParts:
-    """Seeded random weights: the embedding from ``seed + 4``, group [a, b) from ``seed + 10 + a``."""
-    td, rope = getattr(torch, dtype), gears.rope_length
-    bounds = group_bounds(llama.layers, gears.layers_per_group)
-
-    def group(i: int):
-        a, b = bounds[i]
-        module = LlamaDecoderGroup(llama, a, b, rope, gears.kv_layout)
-        return cast_module(init_random_(module, seed + 10 + a, 0.1), td)
-
-    return LlmParts(LlamaSpec(llama, gears.kv_layout), bounds,
-                    lambda: cast_module(init_random_(LlamaEmbedding(llama), seed + 4, 1.0), td), group)
+    """Seeded random weights (``common.random_parts``)."""
+    rope = gears.rope_length
+    return random_parts(LlamaSpec(llama, gears.kv_layout), group_bounds(llama.layers, gears.layers_per_group),
+                        lambda a, b: LlamaDecoderGroup(llama, a, b, rope, gears.kv_layout),
+                        lambda: LlamaEmbedding(llama), seed, dtype)
 
 
 def checkpoint_llm(folder: Path, llama: LlamaConfig, keys, gears: Gears, dtype: str) -> LlmParts:
