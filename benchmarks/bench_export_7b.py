@@ -1,7 +1,8 @@
-"""Full-size MiniGPT-4 or VisualGLM-6B export: wall time and peak resident memory of ``vlm2om export``.
+"""Full-size MiniGPT-4, VisualGLM-6B or InternLM-XComposer2 export: wall time and peak resident memory of ``vlm2om export``.
 
 What it does (``make bench-7b [BENCH_MODEL=visualglm]``; it prints figures against the targets and
-never fails on them), for MiniGPT-4 (for VisualGLM-6B see ``fullsize_visualglm.py``):
+never fails on them), for MiniGPT-4 (for VisualGLM-6B see ``fullsize_visualglm.py``, for
+InternLM-XComposer2 ``fullsize_ixc2.py``):
 
 1. Writes, once, a checkpoint folder with MiniGPT-4's real file formats and key names and
    full-size random weights (about 16 GB; the real weights cannot be downloaded here):
@@ -113,26 +114,30 @@ def measured(cmd: list[str]) -> tuple[int, float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("minigpt4", "visualglm"), default="minigpt4",
+    ap.add_argument("--model", choices=("minigpt4", "visualglm", "ixc2-vl", "ixc2-4khd"), default="minigpt4",
                     help="the family whose full-size checkpoint is written and exported")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where the checkpoint (kept between runs) and the bundle go (~32 GB; default "
-                         "build/bench-7b, build/bench-visualglm for --model visualglm)")
+                         "build/bench-7b, else build/bench-MODEL)")
     ap.add_argument("--skip-run", action="store_true", help="export only; do not load the bundle")
     ap.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=True,
                     help="run the token with `vlm2om run --low-memory` (default: on; onnxruntime's CPU "
                          "kernels hold fp16 weights as fp32, so the whole 7B bundle needs ~31 GB)")
     args = ap.parse_args()
-    workdir = args.workdir or ROOT / "build" / ("bench-7b" if args.model == "minigpt4" else "bench-visualglm")
+    workdir = args.workdir or ROOT / "build" / ("bench-7b" if args.model == "minigpt4" else f"bench-{args.model}")
     ckpt, out = workdir / "checkpoint", workdir / "bundle"
     if args.write_only:  # the child that writes the checkpoint
         if args.model == "minigpt4":
             write_checkpoint(ckpt)
-        else:
+        elif args.model == "visualglm":
             from fullsize_visualglm import write_checkpoint as write_visualglm
 
             write_visualglm(ckpt)
+        else:
+            from fullsize_ixc2 import write_checkpoint as write_ixc2
+
+            write_ixc2(ckpt, args.model.split("-")[1])
         return
     if not (ckpt / ".complete").is_file():
         # In a child: a process's peak RSS survives fork and exec on Linux, so writing the ~16 GB

@@ -267,3 +267,23 @@ class InternLM2DecoderGroup(nn.Module):
         if self.is_last:
             x = head_logits(x, logits_index, self.norm, self.output, LM_HEAD_ROWS)
         return group_outputs(x, present, self.kv_layout)
+
+
+class CountedPositions(nn.Module):
+    """A group whose graph takes no ``position_ids``: each new token's position is the number of
+    valid cache slots of its row plus its offset in the chunk. That is what the original computes
+    (its RoPE ignores ``position_ids`` and turns the tokens by their index in the key/value
+    sequence), and it keeps the graph at four dynamic dims per ATC gear with ``im_mask`` (seq in
+    hidden_states and im_mask, cache in attention_mask and the cache), the most CANN 5 and 6 take.
+    The runtime's cache holds each row's tokens in its first valid slots, so the count is the
+    position it would feed."""
+
+    def __init__(self, group: InternLM2DecoderGroup, max_seq: int):
+        super().__init__()
+        self.group = group
+        self.register_buffer("offsets", torch.arange(max_seq, dtype=torch.int64), persistent=False)
+
+    def forward(self, hidden_states, attention_mask, im_mask, *cache):
+        held = attention_mask.sum(dim=1, keepdim=True).to(torch.int64)  # [B, 1]: exact below 2^24 slots
+        positions = held + self.offsets[:hidden_states.shape[1]]
+        return self.group(hidden_states, positions, attention_mask, im_mask, *cache)

@@ -53,7 +53,9 @@ PROMPT_FIELDS = {"fastchat_single": PROMPT_COMMON, "fastchat_two": {**PROMPT_COM
                  "glm_qa": {"roles": PROMPT_COMMON["roles"], "sep": (TEXT, True), "image_open": (TEXT, True),
                             "image_close": (TEXT, True), "suffix": (TEXTS, True),
                             "answer_split": (nullable(TEXT), False), "stop_strings": (TEXTS, False),
-                            "hf_cleanup": (BOOL, False)}}
+                            "hf_cleanup": (BOOL, False)},
+                 "internlm2_chat": {**{k: PROMPT_COMMON[k] for k in PROMPT_COMMON if k != "sep"},
+                                    "system_role": (TEXT, True), "begin": (TEXT, True), "end": (TEXT, True)}}
 GENERATION = {"max_new_tokens": POSITIVE, "min_new_tokens": COUNT, "do_sample": BOOL, "temperature": NUMBER,
               "top_p": NUMBER, "top_k": COUNT, "repetition_penalty": NUMBER, "seed": nullable(COUNT),
               "stop_on_eos": BOOL, "stop_strings": nullable(TEXTS), "max_length": nullable(POSITIVE),

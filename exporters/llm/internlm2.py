@@ -1,26 +1,33 @@
 """The InternLM2 decoder kind (InternLM-XComposer2's LLM): graphs/internlm2.py as bundle graphs.
 
 Graphs: ``embed`` input_ids -> inputs_embeds, and ``decoder_N`` layer groups taking what the Llama
-kind's take (hidden states, 1-D positions, the cache's validity mask, the group's cache, the last
-group also ``logits_index``) plus ``im_mask`` [B, S] of role ``image_mask``: 1 on the prompt's
-image positions, where Partial LoRA applies, 0 elsewhere and in every decode step, as the original
-computes it (the runtime fills it from each prompt's layout). Attention is causal.
+kind's take (hidden states, the cache's validity mask, the group's cache, the last group also
+``logits_index``) but no positions, which the graph counts from the validity mask as the original
+counts them from the key/value length (graphs/internlm2.py ``CountedPositions``: four dynamic dims
+per ATC gear), plus ``im_mask`` [B, S] of role ``image_mask``: 1 on the prompt's image positions,
+where Partial LoRA applies, 0 elsewhere and in every decode step, as the original computes it (the
+runtime fills it from each prompt's layout). Attention is causal.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from vlm2om.graphs.internlm2 import InternLM2Config, InternLM2DecoderGroup, InternLM2Embedding
+from vlm2om.graphs.internlm2 import CountedPositions, InternLM2Config, InternLM2DecoderGroup, InternLM2Embedding
 
 from vlm2om.exporters.core.options import Gears
-from vlm2om.exporters.core.subgraph import TensorDecl
+from vlm2om.exporters.core.subgraph import Subgraph, TensorDecl
 from vlm2om.exporters.llm.common import LlmParts, empty_cache, group_bounds, random_parts
 from vlm2om.exporters.llm.llama import LlamaSpec
 
 # InternLM2's SentencePiece: <s> 1, </s> 2; the chat also stops at [UNUSED_TOKEN_145] (92542).
 TOKENIZER = {"kind": "sentencepiece", "file": "tokenizer.model", "bos_id": 1, "eos_id": 2, "eos_ids": [2, 92542]}
+
+
+def tokenizer_entry(end_id: int) -> dict:
+    """The manifest's ``tokenizer`` entry of a model whose ``[UNUSED_TOKEN_145]`` is ``end_id``."""
+    return {**TOKENIZER, "eos_ids": [TOKENIZER["eos_id"], end_id]}
 
 
 @dataclass(frozen=True)
@@ -29,7 +36,18 @@ class InternLM2Spec(LlamaSpec):
     InternLM2Config, whose size fields have the LlamaConfig names the Llama kind reads."""
 
     cfg: InternLM2Config
-    tokenizer = TOKENIZER
+    kv_layout: str = "stacked"
+    tokenizer: dict = field(default_factory=lambda: dict(TOKENIZER))  # tokenizer_entry(...)
+
+    def group_subgraph(self, index: int, build, bounds: tuple[int, int], seq_gears: list[int],
+                       cache_gears: list[int], dtype: str) -> Subgraph:
+        """The Llama kind's group without ``position_ids`` (graphs/internlm2.py CountedPositions)."""
+        sg = super().group_subgraph(index, build, bounds, seq_gears, cache_gears, dtype)
+        make = sg.make_inputs
+        sg.inputs = [d for d in sg.inputs if d.role != "positions"]
+        sg.build = lambda: CountedPositions(build(), max(seq_gears))
+        sg.make_inputs = lambda gear, gen: {k: v for k, v in make(gear, gen).items() if k != "position_ids"}
+        return sg
 
     def extra_inputs(self) -> list[TensorDecl]:
         return [TensorDecl("im_mask", "float32", ("batch", "seq"), "image_mask")]
@@ -50,9 +68,10 @@ class InternLM2Spec(LlamaSpec):
         return group(x, torch.arange(t)[None], torch.zeros(1, 0), flags, *cache)[0]
 
 
-def random_llm(cfg: InternLM2Config, gears: Gears, seed: int, dtype: str) -> LlmParts:
-    """Seeded random weights (``common.random_parts``; the LoRA factors at 0.1 like the rest)."""
+def random_llm(cfg: InternLM2Config, gears: Gears, seed: int, dtype: str, tokenizer: dict | None = None) -> LlmParts:
+    """Seeded random weights (``common.random_parts``; the LoRA factors at 0.1 like the rest);
+    ``tokenizer``: the manifest entry (default: the real model's ids)."""
     rope = gears.rope_length
-    return random_parts(InternLM2Spec(cfg, gears.kv_layout), group_bounds(cfg.layers, gears.layers_per_group),
+    return random_parts(InternLM2Spec(cfg, gears.kv_layout, tokenizer or dict(TOKENIZER)), group_bounds(cfg.layers, gears.layers_per_group),
                         lambda a, b: InternLM2DecoderGroup(cfg, a, b, rope, gears.kv_layout),
                         lambda: InternLM2Embedding(cfg), seed, dtype)

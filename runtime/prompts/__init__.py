@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from ..errors import BundleError
 from .fastchat import FastChatSingle, FastChatTwo, PromptKind
 from .glm import GLMQA
+from .internlm2 import InternLM2Chat
 
-KINDS: dict[str, type] = {"fastchat_single": FastChatSingle, "fastchat_two": FastChatTwo, "glm_qa": GLMQA}
+KINDS: dict[str, type] = {"fastchat_single": FastChatSingle, "fastchat_two": FastChatTwo, "glm_qa": GLMQA,
+                         "internlm2_chat": InternLM2Chat}
 
 
 def prompt_kind(spec: dict):
