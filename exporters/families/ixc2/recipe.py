@@ -102,7 +102,7 @@ def _random_parts(variant: str):
         llm = random_llm(p.internlm2, gears, s, opts.export_dtype, tokenizer_entry(ids[END]))
         return Ixc2Parts(
             variant, p.vision, proj_cfg, llm, build_tiny_internlm2_tokenizer(),
-            {"preset": name, "seed": s, "chat_ids": ids},
+            {"preset": name, "seed": s, "specials": ids},
             lambda: cast_module(init_random_(ClipVisionTower(p.vision), s + 1, p.std), td),
             # 0.2 keeps the image embeddings at the text embeddings' scale.
             lambda: cast_module(init_random_(proj_cls(proj_cfg), s + 3, 0.2), td))
@@ -141,7 +141,7 @@ def plan(opts: ExportOptions) -> ExportPlan:
     gears = gear_options(opts)
     parts = build_parts(opts)
     v, variant = parts.vision_cfg, parts.variant
-    specials = {p: parts.source["chat_ids"][p] for p in (BEGIN, END)}
+    specials = {p: parts.source["specials"][p] for p in (BEGIN, END)}
     hd_num = getattr(opts, "hd_num", None)
     model = {"internlm2": {**vars(parts.llm.llama), "lora": [list(x) for x in parts.llm.llama.lora]},
              "vision": vars(v), "projector": vars(parts.proj_cfg), "variant": variant,

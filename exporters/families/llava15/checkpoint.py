@@ -56,23 +56,11 @@ from vlm2om.graphs.projector import MlpGeluProjector, MlpGeluProjectorConfig
 from vlm2om.exporters.core.checkpoints import (HF_WEIGHT_FILES, CheckpointError, Ignore, LoadReport, MappingTable, Plan,
                                                SizeCheck, TensorSource, check_plans, count_indexed, coverage_plan, dim,
                                                expected_shapes, load_plans, on_meta, open_hf_folder, size_hint)
+from vlm2om.exporters.core import clip_weights as cw
+from vlm2om.exporters.core.clip_weights import CLIP_FOLDER
 from vlm2om.exporters.llm.llama_weights import (LLAMA_DEFAULTS, LlamaKeys, llama_config, llm_plan, llm_size_hint,
                                                 read_json)
 
-CLIP_FOLDER = "clip-vit-large-patch14-336"
-# transformers' CLIPVisionConfig defaults, for configs that store only what differs.
-CLIP_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                 "num_attention_heads": 12, "image_size": 224, "patch_size": 32,
-                 "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
-_CLIP_LAYER = tuple(f"{m}.{p}" for m in ("layer_norm1", "self_attn.q_proj", "self_attn.k_proj",
-                                         "self_attn.v_proj", "self_attn.out_proj", "layer_norm2",
-                                         "mlp.fc1", "mlp.fc2") for p in ("weight", "bias"))
-# transformers' CLIPVisionTransformer names without ``vision_model.``; ClipVisionTower reuses them.
-CLIP_ENTRIES = tuple((n, n) for n in ("embeddings.class_embedding",              # [width]
-                                      "embeddings.patch_embedding.weight",        # conv, no bias
-                                      "embeddings.position_embedding.weight",     # [577, width]
-                                      "pre_layrnorm.weight", "pre_layrnorm.bias")
-                     ) + tuple((f"encoder.layers.{{i}}.{s}", f"encoder.layers.{{i}}.{s}") for s in _CLIP_LAYER)
 # Keys of an OpenAI CLIP folder (CLIPModel) outside the vision transformer.
 CLIP_MODEL_IGNORE = (
     Ignore(r"text_model\..+", "CLIP's text tower: LLaVA uses the vision tower only"),
@@ -102,15 +90,15 @@ class LlavaCheckpoint:
         return self.root / "tokenizer.model"
 
 
+_UNUSED = "past hidden_states[select_layer]: never affects LLaVA's features"
+
+
 def _vision_ignore(prefix: str, cfg: ClipVisionConfig) -> tuple[Ignore, ...]:
-    p = re.escape(prefix)
-    return (*(Ignore(p + re.escape(k) + ".+", "past hidden_states[select_layer]: never affects LLaVA's features")
-              for k in ClipVisionTower.unused_checkpoint_keys(cfg)),
-            Ignore(p + r"embeddings\.position_ids", "buffer (0..N-1) saved by older transformers"))
+    return cw.clip_ignore(prefix, cfg, _UNUSED)
 
 
 def clip_table(prefix: str, cfg: ClipVisionConfig) -> MappingTable:
-    return MappingTable(tuple((o, prefix + t) for o, t in CLIP_ENTRIES), _vision_ignore(prefix, cfg))
+    return cw.clip_table(prefix, cfg, _UNUSED)
 
 
 def projector_table(keys: tuple[str, str]) -> MappingTable:
@@ -120,19 +108,7 @@ def projector_table(keys: tuple[str, str]) -> MappingTable:
 
 
 def clip_config(raw: dict, where: str, select_layer: int, keep_cls: bool) -> ClipVisionConfig:
-    if raw.get("model_type", "clip_vision_model") != "clip_vision_model":
-        raise CheckpointError(f"{where}: vision model_type {raw['model_type']!r}; LLaVA-1.5's tower is CLIP")
-    r = {**CLIP_DEFAULTS, **raw}
-    if r["hidden_act"] not in ("quick_gelu", "gelu"):
-        raise CheckpointError(f"{where}: CLIP hidden_act {r['hidden_act']!r} is not supported")
-    try:
-        return ClipVisionConfig(image_size=int(r["image_size"]), patch_size=int(r["patch_size"]),
-                                width=int(r["hidden_size"]), layers=int(r["num_hidden_layers"]),
-                                heads=int(r["num_attention_heads"]), mlp_dim=int(r["intermediate_size"]),
-                                act=r["hidden_act"], eps=float(r["layer_norm_eps"]),
-                                select_layer=int(select_layer), keep_cls=keep_cls)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{where}: {err}") from None
+    return cw.clip_config(raw, where, select_layer, keep_cls, "LLaVA-1.5")
 
 
 def _prefix(source: TensorSource, candidates: list[str], probe: str, what: str) -> str:
