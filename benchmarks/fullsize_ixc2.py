@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 
+from fullsize_shards import write_bin_shards
 from vlm2om.exporters.core.tiny_internlm2_tokenizer import build_tiny_internlm2_tokenizer
 
 H, FFN, LAYERS, HEADS, KV, VOCAB, D = 4096, 14336, 32, 32, 8, 92544, 128
@@ -25,12 +25,6 @@ CLIP_CONFIG = {"architectures": ["CLIPModel"], "model_type": "clip", "projection
                                  "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
                                  "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 768},
                "text_config": {"hidden_size": 768, "num_hidden_layers": 12}}
-
-
-def _random(shape, gen, name: str) -> torch.Tensor:
-    if "norm" in name:
-        return (torch.ones if name.endswith("weight") else torch.zeros)(shape, dtype=torch.float16)
-    return (torch.randn(shape, generator=gen) * 0.02).to(torch.float16)
 
 
 def _plora(prefix: str, out_f: int, in_f: int, r: int) -> dict:
@@ -65,7 +59,6 @@ def _tower(positions: int) -> dict:
 
 
 def write_checkpoint(root: Path, variant: str) -> None:
-    gen = torch.Generator().manual_seed(0)
     root.mkdir(parents=True, exist_ok=True)
     hd = variant == "4khd"
     config = {"architectures": ["InternLMXComposer2ForCausalLM"], "model_type": "internlmxcomposer2",
@@ -89,12 +82,4 @@ def write_checkpoint(root: Path, variant: str) -> None:
         image.update({"plora_glb_GN": (1, 1, 4 * CLIP_W), "plora_sub_GN": (1, 1, 1, 4 * CLIP_W)})
     rest = {"model.tok_embeddings.weight": (VOCAB, H), "model.norm.weight": (H,), "output.weight": (VOCAB, H)}
     shards += [image, rest]
-    weight_map = {}
-    for n, shard in enumerate(shards, 1):
-        name = f"pytorch_model-{n:05d}-of-{len(shards):05d}.bin"
-        torch.save({k: _random(s, gen, k) for k, s in shard.items()}, root / name)
-        weight_map.update(dict.fromkeys(shard, name))
-        print(f"  wrote {name}", flush=True)
-    (root / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": 0},
-                                                                   "weight_map": weight_map}))
-    (root / ".complete").write_text("ok")
+    write_bin_shards(root, shards, lambda k: "norm" in k)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from fullsize_shards import write_bin_shards
 from vlm2om.exporters.core.tiny_chatglm_tokenizer import build_tiny_chatglm_tokenizer, special_ids
 from vlm2om.graphs.chatglm import ChatGLMConfig, ChatGLMDecoderGroup, ChatGLMEmbedding
 from vlm2om.graphs.eva_vit import EvaVitConfig
@@ -35,12 +36,6 @@ QF_ARGS = {"num_layers": QF.layers, "hidden_size": QF.hidden, "num_attention_hea
            "layernorm_epsilon": QF.eps}
 
 
-def _random(shape, gen, name: str) -> torch.Tensor:
-    if "layernorm" in name or "ln_vision" in name:
-        return (torch.ones if name.endswith("weight") else torch.zeros)(shape, dtype=torch.float16)
-    return (torch.randn(shape, generator=gen) * 0.02).to(torch.float16)
-
-
 def _shapes(build) -> dict[str, torch.Size]:
     with torch.device("meta"):
         return {k: v.shape for k, v in build().state_dict().items()}
@@ -54,7 +49,6 @@ def _vit_key(ours: str) -> str:
 
 
 def write_checkpoint(root: Path) -> None:
-    gen = torch.Generator().manual_seed(0)
     root.mkdir(parents=True, exist_ok=True)
     ids = special_ids(0)
     config = {"architectures": ["ChatGLMForConditionalGenerationWithImage"], "model_type": "chatglm",
@@ -77,12 +71,4 @@ def write_checkpoint(root: Path) -> None:
             "transformer.final_layernorm.weight": (GLM.hidden,), "transformer.final_layernorm.bias": (GLM.hidden,),
             "lm_head.weight": (GLM.vocab_size, GLM.hidden)}
     shards += [image, rest]
-    weight_map = {}
-    for n, shard in enumerate(shards, 1):
-        name = f"pytorch_model-{n:05d}-of-{len(shards):05d}.bin"
-        torch.save({k: _random(s, gen, k) for k, s in shard.items()}, root / name)
-        weight_map.update(dict.fromkeys(shard, name))
-        print(f"  wrote {name}", flush=True)
-    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
-    (root / "pytorch_model.bin.index.json").write_text(json.dumps(index))
-    (root / ".complete").write_text("ok")
+    write_bin_shards(root, shards, lambda k: "layernorm" in k or "ln_vision" in k)

@@ -75,6 +75,9 @@ class BatchGenerator:
         seqs = []
         for p, cfg in zip(prompts, configs):
             cfg = cfg or pipe.defaults
+            if cfg.num_beams > 1:
+                raise InputError(f"num_beams={cfg.num_beams}: beam search answers one prompt at a time (its beams "
+                                 "are the batch rows); ask each in a chat, or decode the batch without beams")
             seqs.append(Sequence(cfg, pipe.eos_ids, pipe.stop_strings(cfg), pipe.tokenizer,
                                  Answer(prompt_tokens=len(p)), record_logits))
         cache = self.dec.new_cache(gear)

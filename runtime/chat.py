@@ -4,6 +4,7 @@ Each turn re-renders the whole prompt exactly as the reference does (``layout.Pr
 where attention is causal the longest prefix the cache already holds is reused and only the rest
 is prefilled, otherwise (prefix-LM) the turn is prefilled afresh. A turn that fails (a prompt
 larger than the largest cache gear, say) leaves the conversation as it was before the turn.
+With ``num_beams`` > 1 a turn is beam-searched on the bundle's batch gears (runtime/beam.py).
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from typing import Iterator
 
 import numpy as np
 
+from .beam import beam_gear, beam_search
 from .decoding import Answer, Sequence, decode
 from .errors import InputError
-from .generation import GenerationConfig
+from .generation import GenerationConfig, StopText
 from .layout import PromptLayout
 
 
@@ -97,14 +99,20 @@ class Chat:
 
     def ask(self, text: str, config: GenerationConfig | None = None, record_logits: bool = False) -> Iterator[str]:
         """Stream the answer to ``text``; ``self.last`` holds tokens, timings and finish reason
-        (and, with ``record_logits``, the next-token logits of every step)."""
+        (and, with ``record_logits``, the next-token logits of every step). With ``num_beams`` > 1
+        the answer is beam-searched (``_beams``) and comes whole at the end."""
         pipe = self.pipe
         cfg = config or pipe.defaults
+        if cfg.num_beams > 1:
+            beam_gear(pipe.decoder.batch_gears, cfg.num_beams)  # refused before the conversation changes
         t0 = time.perf_counter()
         layout, reuse, logits = self._prefill(text)
         res = self.last = GenerationResult(prompt_tokens=layout.length, reused_tokens=reuse, layout=layout,
                                            finish_reason="length")
         res.ttft_s = time.perf_counter() - t0
+        if cfg.num_beams > 1:
+            yield from self._beams(cfg, res, logits[0])
+            return
         seq = Sequence(cfg, pipe.eos_ids, pipe.stop_strings(cfg), pipe.tokenizer, res, record_logits)
         t1 = time.perf_counter()
         for _, piece in decode(pipe.decoder, self.cache, [seq], logits, [layout.length]):
@@ -115,6 +123,26 @@ class Chat:
             yield tail
         self.cached_keys = (layout.keys + res.tokens)[:self.cache.length]
         self.conv.answer(res.text)
+
+    def _beams(self, cfg: GenerationConfig, res: GenerationResult, logits: np.ndarray) -> Iterator[str]:
+        """Beam search (runtime/beam.py) after the prefilled prompt; the whole answer comes at the
+        end, as one piece (no beam is the answer until the search ends). The beams run in a copy
+        of the cache at a batch gear, so this cache still holds just the prompt: the next turn
+        reuses it and prefills the answer (the chosen beam's keys may have been overwritten by the
+        time it is chosen, so they are not kept). No logits are recorded."""
+        pipe = self.pipe
+        t1 = time.perf_counter()
+        best = beam_search(pipe.decoder, self.cache, logits, cfg, pipe.eos_ids, pipe.stop_strings(cfg), pipe.tokenizer)
+        res.decode_s = time.perf_counter() - t1
+        res.tokens, res.finish_reason = best.tokens, best.finish_reason
+        detok, stop = pipe.tokenizer.stream(), StopText(pipe.stop_strings(cfg))
+        for token in best.tokens:
+            stop.push(detok.push(token))
+        res.text = self.conv.clean(stop.text)
+        self.cached_keys = res.layout.keys[:self.cache.length]
+        self.conv.answer(res.text)
+        if stop.text:
+            yield stop.text
 
     def score(self, text: str, tokens: list[int]) -> tuple[PromptLayout, list[np.ndarray]]:
         """Teacher forcing: the next-token logits [V] before each of ``tokens`` as the answer to

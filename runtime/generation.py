@@ -1,4 +1,5 @@
-"""Next-token choice (greedy, temperature, top-k, top-p, repetition penalty) and stop strings.
+"""Next-token choice (greedy, temperature, top-k, top-p, repetition penalty) and stop strings;
+the beam search options, whose loop is runtime/beam.py.
 
 The processors run in transformers' order: repetition penalty, then temperature, top-k and
 top-p. As in transformers' ``generate(inputs_embeds=...)``, the penalty sees only the
@@ -30,6 +31,11 @@ class GenerationConfig:
     # ChatGLM's InvalidScoreLogitsProcessor: logits holding a NaN or an inf become zeros with 5e4 at
     # this id (the model chooses it) before anything else; None: no guard.
     invalid_score_token: int | None = None
+    # Beam search (runtime/beam.py), greedy only, on the bundle's batch gears: as transformers'
+    # generate(num_beams=..., length_penalty=..., early_stopping=...); 1: no beam search.
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -50,6 +56,17 @@ class GenerationConfig:
             raise InputError(f"max_length must be >= 2, got {self.max_length}")
         if self.invalid_score_token is not None and self.invalid_score_token < 0:
             raise InputError(f"invalid_score_token must be a token id >= 0, got {self.invalid_score_token}")
+        if not isinstance(self.num_beams, int) or isinstance(self.num_beams, bool) or self.num_beams < 1:
+            raise InputError(f"num_beams must be an integer >= 1 (1: no beam search), got {self.num_beams!r}")
+        if self.num_beams > 1 and self.do_sample:
+            raise InputError(f"num_beams={self.num_beams} with do_sample=True (beam sampling) is not offered: "
+                             "only greedy beam search is; set do_sample=False, or num_beams=1 to sample")
+        if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, (int, float)) \
+                or not np.isfinite(self.length_penalty):
+            raise InputError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        if not isinstance(self.early_stopping, bool):
+            raise InputError(f"early_stopping must be True or False, got {self.early_stopping!r} (transformers' "
+                             "'never' is not offered)")
 
     @classmethod
     def from_manifest(cls, entry: dict, **overrides) -> "GenerationConfig":

@@ -40,7 +40,8 @@ STEPS = {"rgb": {}, "resize": {"size": SIZE2, "interpolation": INTERP}, "pad_to_
          "resize_shortest": {"size": POSITIVE, "interpolation": INTERP},
          "center_crop": {"size": Kind("a positive integer or [width, height]",
                                       lambda v: POSITIVE.ok(v) or SIZE2.ok(v))},
-         "to_float": {}, "normalize": {"mean": CHANNELS, "std": CHANNELS}}
+         "to_float": {}, "normalize": {"mean": CHANNELS, "std": CHANNELS},
+         "hd_transform": {"hd_num": POSITIVE, "size": POSITIVE, "fill": CHANNELS}}
 # What each prompt kind of runtime/prompts/ reads (True: required).
 PROMPT_COMMON = {"system": (TEXT, True), "sep": (TEXT, True), "roles": (Kind("two strings", lambda v: isinstance(
     v, list) and len(v) == 2 and all(isinstance(r, str) for r in v)), True), "image_message": (TEXT, True),
@@ -59,7 +60,8 @@ PROMPT_FIELDS = {"fastchat_single": PROMPT_COMMON, "fastchat_two": {**PROMPT_COM
 GENERATION = {"max_new_tokens": POSITIVE, "min_new_tokens": COUNT, "do_sample": BOOL, "temperature": NUMBER,
               "top_p": NUMBER, "top_k": COUNT, "repetition_penalty": NUMBER, "seed": nullable(COUNT),
               "stop_on_eos": BOOL, "stop_strings": nullable(TEXTS), "max_length": nullable(POSITIVE),
-              "invalid_score_token": nullable(COUNT)}
+              "invalid_score_token": nullable(COUNT), "num_beams": POSITIVE, "length_penalty": NUMBER,
+              "early_stopping": BOOL}
 INSIDE = Kind("a relative path inside the bundle folder", lambda v: isinstance(v, str) and _inside(v))
 
 
@@ -103,6 +105,8 @@ def manifest_problems(m) -> list[str]:
         _generation(c, top["generation"])
     if top["preprocess"] is not None:
         _preprocess(c, top["preprocess"])
+        if isinstance(top["pipeline"], dict):
+            _views(c, top["pipeline"], top["preprocess"])
     _verification(c, m.get("verification"), files)
     _atc(c, m.get("atc"))
     if isinstance(m.get("provenance"), dict):  # what `verify --reference` rebuilds the modules from
@@ -282,6 +286,21 @@ def _preprocess(c: Checker, pre: dict) -> None:
         c.bad("preprocess.steps", "needs an rgb step before to_float (the graphs take 3 channels)")
     elif "normalize" in ops and ops.index("normalize") < ops.index("to_float"):
         c.bad("preprocess.steps", "has normalize before to_float; it works on the float tensor")
+
+
+def _views(c: Checker, pipe: dict, pre: dict) -> None:
+    """An hd_grid assembly needs an hd_transform step cutting views of its size, and vice versa."""
+    steps = pre.get("steps") if isinstance(pre.get("steps"), list) else []
+    hd = [(i, s) for i, s in enumerate(steps) if isinstance(s, dict) and s.get("op") == "hd_transform"]
+    assembly = pipe.get("image_assembly")
+    if hd and not isinstance(assembly, dict):
+        c.bad(join("preprocess.steps", hd[0][0]), "is hd_transform, which cuts an image into views, but "
+                                                  "pipeline.image_assembly does not say how to lay them out")
+    elif isinstance(assembly, dict) and not hd:
+        c.bad("pipeline.image_assembly", "lays out views, but preprocess.steps has no hd_transform step cutting them")
+    elif hd and POSITIVE.ok(hd[0][1].get("size")) and hd[0][1]["size"] != assembly.get("view_size"):
+        c.bad(join(join("preprocess.steps", hd[0][0]), "size"),
+              f"is {hd[0][1]['size']}, but pipeline.image_assembly.view_size is {show(assembly.get('view_size'))}")
 
 
 def _verification(c: Checker, v, files: set[str]) -> None:

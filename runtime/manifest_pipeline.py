@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .decoder import CACHE_ROLES, INPUT_ROLES, OUTPUT_ROLES
 from .kv_cache import KINDS
-from .manifest_types import DTYPE, LIST, NAME, NAMES, OBJECT, POSITIVE, Checker, join, nullable, show
+from .manifest_types import COUNT, DTYPE, LIST, NAME, NAMES, OBJECT, POSITIVE, Checker, join, nullable, show
 from .schema import ATTENTION, POSITIONS, POSITIONS_2D
 
 # The dtype the runtime gives each embed/decoder tensor role ("embeds": pipeline.embeds_dtype, "kv":
@@ -57,6 +57,7 @@ def check_pipeline(c: Checker, pipe: dict, declared: dict, graphs: dict, kv, tok
         seen.add(name)
     if image:
         _image_chain(c, pipe, image, graphs, hidden)
+    _assembly(c, pipe, image, graphs)
     kv_ok = isinstance(kv, dict) and _kv_cache(c, kv, decoders)
     if embed in graphs and decoders and all(n in graphs for n in decoders) and kv_ok and not c.problems:
         _decoder(c, graphs, embed, decoders, kv, {"embeds": embeds_dtype, "kv": kv["dtype"]}, hidden, tokenizer)
@@ -120,6 +121,45 @@ def _image_chain(c: Checker, pipe: dict, image: list[str], graphs: dict, hidden)
     if len(shape) != 3 or (isinstance(shape[2], int) and hidden and shape[2] != hidden):
         c.bad("pipeline.image_output", f"'{last}' has shape {shape}; the decoder needs [1, image tokens, "
                                        f"{hidden}] (pipeline.hidden_size)")
+
+
+ASSEMBLIES = {"hd_grid": {"view_size": POSITIVE, "tokens_per_side": POSITIVE, "global_separator_row": COUNT,
+                           "row_separator_row": COUNT, "global_resize": NAME}}  # runtime/hd_grid.py
+
+
+def _assembly(c: Checker, pipe: dict, image: list[str], graphs: dict) -> None:
+    """``pipeline.image_assembly``: a known kind whose rows exist in every view's output."""
+    a = c.get(pipe, "image_assembly", "pipeline", nullable(OBJECT), required=False)
+    if a is None:
+        return
+    before = len(c.problems)
+    kind = c.get(a, "kind", "pipeline.image_assembly", NAME)
+    if kind is not None and kind not in ASSEMBLIES:
+        c.bad("pipeline.image_assembly.kind", f"is '{kind}', which this runtime does not know "
+                                              f"({', '.join(ASSEMBLIES)}); upgrade vlm2om")
+        return
+    for key, k in ASSEMBLIES.get(kind, {}).items():
+        c.get(a, key, "pipeline.image_assembly", k)
+    if not image:
+        c.bad("pipeline.image_assembly", "lays out image views, but pipeline.image_graphs is empty")
+    if pipe.get("image_tokens") is not None:
+        c.bad("pipeline.image_tokens", f"is {show(pipe['image_tokens'])}, but an hd_grid image's row count varies "
+                                       "with the image: it must be null")
+    if a.get("global_resize") not in (None, "bicubic"):
+        c.bad("pipeline.image_assembly.global_resize", f"is {show(a['global_resize'])}; this runtime resizes "
+                                                       "the global view bicubic only")
+    last = pipe.get("image_output")
+    made = {s["name"]: s for n in image if n in graphs for s in graphs[n]["outputs"]}
+    shape = made[last]["shape"] if last in made else []
+    if len(c.problems) > before or len(shape) != 3 or not isinstance(shape[1], int):
+        return
+    rows, t = shape[1], a["tokens_per_side"]
+    for key in ("global_separator_row", "row_separator_row"):
+        if a[key] >= rows:
+            c.bad(join("pipeline.image_assembly", key), f"is {a[key]}, but '{last}' has {rows} rows per view")
+    if t * t > rows:
+        c.bad("pipeline.image_assembly.tokens_per_side", f"is {t}: {t * t} tokens, more than the {rows} rows "
+                                                         f"'{last}' has per view")
 
 
 def _kv_cache(c: Checker, kv: dict, decoders) -> bool:

@@ -13,7 +13,8 @@ from .backends import open_session
 from .chat import Chat, GenerationResult, check_fits
 from .decoder import Decoder
 from .decoding import Answer
-from .errors import BundleError
+from . import hd_grid
+from .errors import BundleError, InputError
 from .generation import GenerationConfig
 from .layout import PromptLayout
 from .preprocess import preprocess
@@ -22,10 +23,13 @@ from .tokenizer import SentencePieceTokenizer
 
 
 class VisionChatPipeline:
-    def __init__(self, bundle, backend: str = "ort", exif_transpose: bool = True, **backend_options):
+    def __init__(self, bundle, backend: str = "ort", exif_transpose: bool = True, hd_num: int | None = None,
+                 **backend_options):
         """``exif_transpose``: turn photos upright by their EXIF orientation (False: as the original
-        loaders do, which ignore it; verification against them uses False)."""
+        loaders do, which ignore it; verification against them uses False). ``hd_num``: the most
+        views an ``hd_transform`` bundle cuts an image into, instead of the manifest's."""
         self.bundle, self.exif_transpose = bundle, exif_transpose
+        self.hd_num = check_hd_num(bundle, hd_num)
         m = bundle.manifest
         pipe = m["pipeline"]
         self.image_graphs = list(pipe.get("image_graphs", []))
@@ -53,12 +57,22 @@ class VisionChatPipeline:
         """Image (path or PIL) -> embeddings [image tokens, hidden] through the image graphs.
 
         Tensors pass between the graphs by name: each graph is fed its inputs from what the
-        preprocessing and the earlier graphs produced."""
+        preprocessing and the earlier graphs produced. With ``pipeline.image_assembly`` (kind
+        ``hd_grid``) the image is cut into views, each runs the graphs, and the rows are laid out."""
         pipe = self.bundle.pipeline
         if not self.image_graphs:
             raise BundleError(f"bundle '{self.bundle.root}' has no image graphs: ask without an image")
         steps = self.bundle.manifest["preprocess"]["steps"]
-        tensors = {pipe["image_input"]: preprocess(image, steps, exif_transpose=self.exif_transpose)}
+        pixels = preprocess(image, steps, exif_transpose=self.exif_transpose, hd_num=self.hd_num)
+        assembly = pipe.get("image_assembly")
+        if assembly is None:
+            return self._image_chain(pixels)
+        parts, grid = hd_grid.views(pixels, int(assembly["view_size"]))
+        return hd_grid.layout([self._image_chain(v) for v in parts], grid, assembly)
+
+    def _image_chain(self, pixels: np.ndarray) -> np.ndarray:
+        pipe = self.bundle.pipeline
+        tensors = {pipe["image_input"]: pixels}
         for name in self.image_graphs:
             sess = self.sessions[name]
             tensors.update(sess.run({s.name: tensors[s.name].astype(s.dtype) for s in sess.inputs}))
@@ -82,18 +96,38 @@ class VisionChatPipeline:
 PIPELINES = {"chat": VisionChatPipeline}
 
 
-def check_prompt(bundle, question: str, images: int = 1) -> None:
+def check_hd_num(bundle, hd_num: int | None) -> int | None:
+    """``hd_num`` itself, refused where the bundle has no ``hd_transform`` step or out of range."""
+    if hd_num is None:
+        return None
+    if not any(s.get("op") == "hd_transform" for s in bundle.manifest["preprocess"]["steps"]):
+        raise InputError(f"--hd-num applies to bundles that cut images into views (an hd_transform "
+                         f"preprocessing step); bundle '{bundle.root}' has none")
+    if not 1 <= hd_num <= hd_grid.MAX_HD_NUM:
+        raise InputError(f"hd_num must be between 1 and {hd_grid.MAX_HD_NUM}, got {hd_num}")
+    return hd_num
+
+
+def check_prompt(bundle, question: str, images: int = 1, image_sizes: list[tuple[int, int]] | None = None,
+                 hd_num: int | None = None) -> None:
     """Refuse a question that fits no cache gear, from the manifest and the tokenizer alone (no
     graph loaded): what a chat's first turn about ``images`` images would find only after every
-    graph has loaded. Where the image's row count is not recorded, its text alone is checked."""
+    graph has loaded. Where the image's row count is not recorded, it is counted from
+    ``image_sizes`` ((width, height) from the header) for an ``hd_grid`` bundle, else its text
+    alone is checked."""
     m = bundle.manifest
     conv = Conversation(m["prompt"])
     for _ in range(images):
         conv.add_image()
     conv.ask(question)
-    rows = m["pipeline"].get("image_tokens")
-    layout = PromptLayout(conv.tokenize(SentencePieceTokenizer.from_manifest(bundle)), [rows or 0] * images)
-    check_fits(layout, max(m["kv_cache"]["capacity_gears"]), images_known=rows is not None or not images)
+    rows = [m["pipeline"].get("image_tokens")] * images
+    assembly = m["pipeline"].get("image_assembly")
+    if rows and rows[0] is None and assembly and image_sizes and len(image_sizes) == images:
+        step = next(s for s in m["preprocess"]["steps"] if s["op"] == "hd_transform")
+        n, view = hd_num or step["hd_num"], assembly["view_size"]
+        rows = [hd_grid.rows(hd_grid.grid_of(size, n, view), assembly["tokens_per_side"]) for size in image_sizes]
+    layout = PromptLayout(conv.tokenize(SentencePieceTokenizer.from_manifest(bundle)), [r or 0 for r in rows])
+    check_fits(layout, max(m["kv_cache"]["capacity_gears"]), images_known=None not in rows or not images)
 
 
 def open_pipeline(bundle, backend: str = "ort", **backend_options):

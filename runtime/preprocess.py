@@ -254,9 +254,12 @@ def to_rgb(img, name: str):
             raise InputError(f"{name} (mode {img.mode}) cannot be made RGB: {_reason(e)}") from None
 
 
-def preprocess(image, steps: list[dict], *, exif_transpose: bool = True) -> np.ndarray:
-    """PIL image or path -> float32 [1, 3, H, W] following the manifest's steps."""
+def preprocess(image, steps: list[dict], *, exif_transpose: bool = True, hd_num: int | None = None) -> np.ndarray:
+    """PIL image or path -> float32 [1, 3, H, W] following the manifest's steps. ``hd_num``: the
+    most views an ``hd_transform`` step makes, instead of the bundle's (None: the bundle's)."""
     from PIL import Image
+
+    from .hd_grid import hd_transform
 
     img = load_image(image, exif_transpose=exif_transpose)
     name = _name(image)
@@ -281,6 +284,9 @@ def preprocess(image, steps: list[dict], *, exif_transpose: bool = True) -> np.n
             img = img.resize((w, h), getattr(Image.Resampling, _RESAMPLE[step["interpolation"]]))
         elif op == "center_crop":
             img = center_crop(img, step["size"])
+        elif op == "hd_transform":
+            img = hd_transform(to_rgb(img, name), int(hd_num or step["hd_num"]), int(step["size"]),
+                               tuple(step["fill"]), name)
         elif op == "to_float":
             arr = np.asarray(img, dtype=np.float32) / np.float32(step.get("divisor", 255.0))
         elif op == "normalize":

@@ -77,3 +77,23 @@ def visualglm_bundle(tmp_path_factory):
 @pytest.fixture(scope="session")
 def visualglm_modules():
     return _modules("visualglm")
+
+
+@pytest.fixture(scope="session")
+def ixc2_vl_bundle(tmp_path_factory):
+    return _export(tmp_path_factory, "ixc2-vl", "ixc2-vl-tiny")
+
+
+@pytest.fixture(scope="session")
+def ixc2_vl_modules():
+    return _modules("ixc2-vl")
+
+
+@pytest.fixture(scope="session")
+def ixc2_4khd_bundle(tmp_path_factory):
+    return _export(tmp_path_factory, "ixc2-4khd", "ixc2-4khd-tiny")
+
+
+@pytest.fixture(scope="session")
+def ixc2_4khd_modules():
+    return _modules("ixc2-4khd")

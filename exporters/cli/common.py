@@ -90,8 +90,9 @@ def open_bundle(path: Path, no_hash_check: bool):
 
 
 def open_pipeline(bundle, backend: str, device_id: int, threads: int, low_memory: bool = False, spin: bool = False,
-                  exif_transpose: bool = True):
-    """The pipeline of an open bundle's task on the chosen backend -> (pipeline, backend it runs on)."""
+                  exif_transpose: bool = True, hd_num: int | None = None):
+    """The pipeline of an open bundle's task on the chosen backend -> (pipeline, backend it runs on).
+    ``hd_num``: the most views an hd_transform bundle cuts an image into (None: the manifest's)."""
     from vlm2om.runtime.backends import resolve_backend
     from vlm2om.runtime.backends.om import has_om
     from vlm2om.runtime.pipeline import open_pipeline as pipeline_of
@@ -101,4 +102,4 @@ def open_pipeline(bundle, backend: str, device_id: int, threads: int, low_memory
         click.echo("note: the bundle has OM files but ais_bench does not import here; running on onnxruntime",
                    err=True)
     return pipeline_of(bundle, chosen, exif_transpose=exif_transpose, threads=threads, device_id=device_id,
-                       low_memory=low_memory, spin=spin), chosen
+                       low_memory=low_memory, spin=spin, hd_num=hd_num), chosen

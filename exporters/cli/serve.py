@@ -22,12 +22,14 @@ from vlm2om.runtime.generation import GenerationConfig
 
 def generation_config(defaults: GenerationConfig, *, sample: bool = False, greedy: bool = False, temperature: float | None = None,
                       top_p: float | None = None, seed: int | None = None, max_new_tokens: int | None = None,
-                      repetition_penalty: float | None = None) -> GenerationConfig:
+                      repetition_penalty: float | None = None, num_beams: int | None = None) -> GenerationConfig:
     """The bundle's GenerationConfig ``defaults`` changed by the run/chat options (None: not given).
 
     Greedy when --greedy or --temperature 0; sampling when --sample or a temperature > 0; else
     the bundle's choice. --top-p and --seed only steer sampling, so with greedy decoding they are
     refused (click.UsageError) with the reason. --repetition-penalty and --max-new-tokens apply to both.
+    --num-beams above 1 searches greedily, so it is refused with sampling; a bundle whose own
+    default is beam search samples with one beam when sampling is asked for.
     """
     if sample and greedy:
         raise click.UsageError("give either --sample or --greedy, not both")
@@ -49,8 +51,15 @@ def generation_config(defaults: GenerationConfig, *, sample: bool = False, greed
         for name, value in (("--top-p", top_p), ("--seed", seed)):
             if value is not None:
                 raise click.UsageError(f"{name} applies only to sampling{why}")
+    if num_beams is not None and num_beams > 1 and do_sample:
+        why = ("--sample asks for sampling" if sample else f"--temperature {temperature:g} turns sampling on"
+               if temperature else "this bundle samples by default")
+        raise click.UsageError(f"--num-beams {num_beams} is greedy beam search (beam sampling is not offered), "
+                               f"and {why}: add --greedy or drop --num-beams")
+    if num_beams is None and do_sample and defaults.num_beams > 1:
+        num_beams = 1
     return defaults.but(do_sample=do_sample, temperature=temperature or None, top_p=top_p, seed=seed,
-                        max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
+                        max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty, num_beams=num_beams)
 
 
 def normal(ctx, param, value):
@@ -101,7 +110,12 @@ decoding_options = stack(  # what generation_config reads
                  help="Penalty on the scores of tokens already generated (1.0: none), greedy or "
                       "sampling. Default: the bundle's."),
     click.option("--max-new-tokens", type=click.IntRange(min=1),
-                 help="At most this many new tokens per answer. Default: the bundle's."))
+                 help="At most this many new tokens per answer. Default: the bundle's."),
+    click.option("--num-beams", type=click.IntRange(min=1),
+                 help="Beam search with this many beams, as transformers' generate(num_beams=N, "
+                      "do_sample=False): greedy only, on the bundle's batch gears (it needs one of at "
+                      "least N rows: export with --batch-gears); the answer prints whole at the end. "
+                      "1: no beam search. Default: the bundle's (1 unless it sets one)."))
 
 serving_options = stack(  # BUNDLE and where it runs
     backend_options(auto=True),
@@ -113,7 +127,11 @@ image_option = stack(
                  help="Image file."),
     click.option("--exif-transpose/--no-exif-transpose", default=True, show_default=True,
                  help="Turn a photo upright by its EXIF orientation; --no-exif-transpose reads it as "
-                      "MiniGPT-4's and LLaVA's own loaders do, which ignore the orientation."))
+                      "MiniGPT-4's and LLaVA's own loaders do, which ignore the orientation."),
+    click.option("--hd-num", type=click.IntRange(min=1),
+                 help="Most 336 px crops an InternLM-XComposer2-4KHD bundle cuts the image into (its "
+                      "HD_transform; the original chats with 25 or 55). Default: the bundle's. The cache "
+                      "gears must hold the image rows it implies: (h*w+1)*144 + 1 + (h+1)*12."))
 
 
 @contextmanager
@@ -126,27 +144,28 @@ def plain_warnings():
 
 
 def _start(bundle, image, prompt, backend, device_id, threads, spin, no_hash_check, low_memory, exif_transpose,
-           decoding: dict):
+           decoding: dict, hd_num: int | None = None):
     """The inputs are checked before anything slow is read, each as early as it can be: the image
     (decoded, so a truncated file is found too) before the bundle is opened, the decoding options
     and the question's length (from the manifest and tokenizer) before the bundle's files are
     hashed, and all of them before its graphs load (minutes for a 7B bundle).
     -> (pipeline, backend it runs on, GenerationConfig, the decoded image)."""
-    from vlm2om.runtime.pipeline import check_prompt
+    from vlm2om.runtime.pipeline import check_hd_num, check_prompt
     from vlm2om.runtime.preprocess import load_image
 
     img = load_image(image, exif_transpose=exif_transpose)
     b = open_bundle(bundle, no_hash_check=True)  # the manifest, and every file there at its size
     cfg = generation_config(GenerationConfig.from_manifest(b.manifest["generation"]), **decoding)
+    check_hd_num(b, hd_num)
     if prompt is not None:
         if not no_hash_check:  # the tokenizer counts the question: its own hash first (a small file)
             b.check_files(only=[b.manifest["tokenizer"]["file"]])
-        check_prompt(b, prompt)
+        check_prompt(b, prompt, image_sizes=[img.size], hd_num=hd_num)
     if not no_hash_check:
         b.check_files()
     # The image reaches the pipeline decoded and already turned (or not) as asked: it must not
     # read the EXIF block again.
-    pipe, chosen = open_pipeline(b, backend, device_id, threads, low_memory, spin, exif_transpose=False)
+    pipe, chosen = open_pipeline(b, backend, device_id, threads, low_memory, spin, exif_transpose=False, hd_num=hd_num)
     return pipe, chosen, cfg, img
 
 
@@ -156,12 +175,12 @@ def _start(bundle, image, prompt, backend, device_id, threads, spin, no_hash_che
 @decoding_options
 @serving_options
 @click.option("--stats", is_flag=True, help="Print timings to stderr.")
-def run(bundle, image, exif_transpose, prompt, stats, backend, device_id, threads, spin, no_hash_check, low_memory,
-        **decoding):
+def run(bundle, image, exif_transpose, hd_num, prompt, stats, backend, device_id, threads, spin, no_hash_check,
+        low_memory, **decoding):
     """Answer one PROMPT about one image with BUNDLE, streaming tokens as they come."""
     with plain_warnings():
         pipe, chosen, cfg, img = _start(bundle, image, prompt, backend, device_id, threads, spin, no_hash_check,
-                                        low_memory, exif_transpose, decoding)
+                                        low_memory, exif_transpose, decoding, hd_num)
         chat = pipe.chat(img)
     for piece in chat.ask(prompt, cfg):
         click.echo(piece, nl=False)
@@ -203,11 +222,12 @@ def command_error(name: str) -> str:
 @image_option
 @decoding_options
 @serving_options
-def chat(bundle, image, exif_transpose, backend, device_id, threads, spin, no_hash_check, low_memory, **decoding):
+def chat(bundle, image, exif_transpose, hd_num, backend, device_id, threads, spin, no_hash_check, low_memory,
+         **decoding):
     """Multi-turn chat about an image. Type /reset to start over, /quit (or Ctrl-D) to leave."""
     with plain_warnings():
         pipe, _, cfg, img = _start(bundle, image, None, backend, device_id, threads, spin, no_hash_check,
-                                   low_memory, exif_transpose, decoding)
+                                   low_memory, exif_transpose, decoding, hd_num)
         conv = pipe.chat(img)
     del img  # the chat keeps the image's embeddings, not its pixels
     interactive = sys.stdin.isatty()

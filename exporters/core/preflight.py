@@ -74,3 +74,22 @@ def os_reason(err: OSError) -> str:
     text = os.strerror(err.errno) if err.errno else (err.strerror or type(err).__name__)
     return text[:1].lower() + text[1:]
 
+
+
+def piece_ids(model: bytes, where, pieces, whose: str) -> dict[str, int]:
+    """The ids of ``pieces`` in a serialized SentencePiece model; CheckpointError naming the file
+    (``where``) when it is not one or lacks a piece (``whose``: the tokenizer it should be)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.LoadFromSerializedProto(model)
+    except Exception as err:  # sentencepiece raises RuntimeError/OSError by version
+        raise CheckpointError(f"{where}: not a SentencePiece model ({err})") from None
+    out = {}
+    for piece in pieces:
+        pid = sp.PieceToId(piece)
+        if sp.IdToPiece(pid) != piece:
+            raise CheckpointError(f"{where}: has no {piece} piece; is this {whose}?")
+        out[piece] = pid
+    return out

@@ -41,6 +41,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("minigpt4", "MiniGPT-4 (Vicuna-7B v0)", "vlm2om.exporters.families.minigpt4"),
     Family("llava15", "LLaVA-1.5 (Vicuna-7B v1.5)", "vlm2om.exporters.families.llava15"),
     Family("visualglm", "VisualGLM-6B (ChatGLM-6B)", "vlm2om.exporters.families.visualglm"),
+    Family("ixc2-vl", "InternLM-XComposer2-VL-7B (InternLM2-7B, Partial LoRA)", "vlm2om.exporters.families.ixc2.vl"),
+    Family("ixc2-4khd", "InternLM-XComposer2-4KHD-7B (HD crops, Partial LoRA)", "vlm2om.exporters.families.ixc2.hd"),
 )}
 
 

@@ -23,13 +23,12 @@ from typing import Callable
 import torch
 
 from vlm2om.graphs.chatglm import ChatGLMConfig, ChatGLMDecoderGroup, ChatGLMEmbedding
-from vlm2om.graphs.common import cast_module
 
-from vlm2om.exporters.core.checkpoints import (CheckpointError, Ignore, LoadReport, MappingTable, Plan, SizeCheck,
-                                               TensorSource, assign, count_indexed, dim, expected_shapes,
-                                               on_meta, size_hint)
+from vlm2om.exporters.core.checkpoints import (CheckpointError, Ignore, MappingTable, SizeCheck, TensorSource,
+                                               count_indexed, dim, size_hint)
 from vlm2om.exporters.core.options import Gears
-from vlm2om.exporters.llm.common import LlmParts, group_bounds
+from vlm2om.exporters.llm.common import LlmParts
+from vlm2om.exporters.llm.weights import LlmModules
 
 LAYER_LEAVES = tuple(f"{m}.{p}" for m in ("input_layernorm", "attention.query_key_value", "attention.dense",
                                           "post_attention_layernorm", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
@@ -125,39 +124,18 @@ def special_ids(raw: dict, where: str) -> dict[str, int | None]:
             for name in ("bos", "eos", "mask", "gmask", "pad")}
 
 
-# --- plans and states ------------------------------------------------------------------------
+# --- plans and states (exporters/llm/weights.py) -------------------------------------------------
 
-def llm_shapes(cfg: ChatGLMConfig) -> dict[str, torch.Size]:
-    want = expected_shapes(on_meta(lambda: ChatGLMEmbedding(cfg)))
-    want.update(expected_shapes(on_meta(lambda: ChatGLMDecoderGroup(cfg, 0, cfg.layers, 1))))
-    return want
-
-
-def llm_plan(source: TensorSource, cfg: ChatGLMConfig, keys: ChatGLMKeys = HF_KEYS,
-             check_unmapped: bool = True) -> Plan:
-    """Every name and shape of the whole GLM (reads no tensor data)."""
-    return (keys.embed + keys.decoder).plan(source, llm_shapes(cfg), {"i": range(cfg.layers)}, check_unmapped)
-
-
-def embed_state(source: TensorSource, cfg: ChatGLMConfig, dtype: torch.dtype | None = None,
-                keys: ChatGLMKeys = HF_KEYS) -> LoadReport:
-    """State for ``ChatGLMEmbedding(cfg)``; reads only the embedding matrix."""
-    want = expected_shapes(on_meta(lambda: ChatGLMEmbedding(cfg)))
-    return keys.embed.apply(source, want, dtype=dtype, check_unmapped=False, what="ChatGLM word_embeddings")
-
-
-def decoder_group_state(source: TensorSource, cfg: ChatGLMConfig, start: int, stop: int,
-                        dtype: torch.dtype | None = None, keys: ChatGLMKeys = HF_KEYS) -> LoadReport:
-    """State for ``ChatGLMDecoderGroup(cfg, start, stop)``, reading only that group's tensors, with
-    query_key_value in our per-head order whatever the checkpoint's."""
-    want = expected_shapes(on_meta(lambda: ChatGLMDecoderGroup(cfg, start, stop, rope_length=1)))
-    layers = {"i": {j: start + j for j in range(stop - start)}}
-    report = keys.decoder.apply(source, want, layers, dtype, check_unmapped=False,
-                                what=f"ChatGLM layers [{start}, {stop})")
+def _per_head_qkv(state: dict, cfg: ChatGLMConfig, keys: ChatGLMKeys) -> None:
+    """SAT's contiguous [Q|K|V] query_key_value rows in our per-head order."""
     if keys.contiguous_qkv:
-        for name in [k for k in report.state if _QKV.fullmatch(k)]:
-            report.state[name] = contiguous_to_interleaved(report.state[name], cfg.heads)
-    return report
+        for name in [k for k in state if _QKV.fullmatch(k)]:
+            state[name] = contiguous_to_interleaved(state[name], cfg.heads)
+
+
+MODULES = LlmModules(ChatGLMEmbedding, ChatGLMDecoderGroup, "ChatGLM", "word_embeddings", HF_KEYS, _per_head_qkv)
+llm_shapes, llm_plan, embed_state, decoder_group_state = (MODULES.shapes, MODULES.plan, MODULES.embed_state,
+                                                          MODULES.group_state)
 
 
 def llm_size_hint(source: TensorSource, cfg: ChatGLMConfig, keys: ChatGLMKeys, origin: str) -> str | None:
@@ -178,18 +156,6 @@ def checkpoint_chatglm(open_source: Callable[[], TensorSource], cfg: ChatGLMConf
     ``dtype``; ``tokenizer`` is the manifest entry (chatglm.tokenizer_entry)."""
     from vlm2om.exporters.llm.chatglm import ChatGLMSpec, chatglm_bounds
 
-    td, rope = getattr(torch, dtype), max(gears.rope_length, cfg.max_positions)
-    bounds = chatglm_bounds(cfg, gears)
-
-    def embed():
-        state = embed_state(open_source(), cfg, td, keys).state
-        return cast_module(assign(lambda: ChatGLMEmbedding(cfg), state), td)
-
-    def group(i: int):
-        a, b = bounds[i]
-        state = decoder_group_state(open_source(), cfg, a, b, td, keys).state
-        g = assign(lambda: ChatGLMDecoderGroup(cfg, a, b, rope, gears.kv_layout), state)
-        g.init_buffers(rope)  # the RoPE tables were built on the meta device
-        return cast_module(g, td)
-
-    return LlmParts(ChatGLMSpec(cfg, tokenizer, gears.kv_layout), bounds, embed, group)
+    rope = max(gears.rope_length, cfg.max_positions)
+    return MODULES.lazy(open_source, cfg, keys, ChatGLMSpec(cfg, tokenizer, gears.kv_layout), chatglm_bounds(cfg, gears),
+                        dtype, rope, gears.kv_layout)

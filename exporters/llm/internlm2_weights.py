@@ -22,17 +22,15 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 
-from vlm2om.graphs.common import cast_module
 from vlm2om.graphs.internlm2 import ROPE_SCALINGS, InternLM2Config, InternLM2DecoderGroup, InternLM2Embedding
 
-from vlm2om.exporters.core.checkpoints import (CheckpointError, Ignore, LoadReport, MappingTable, Plan, SizeCheck,
-                                               TensorSource, assign, count_indexed, dim, expected_shapes, on_meta,
-                                               size_hint)
+from vlm2om.exporters.core.checkpoints import (CheckpointError, Ignore, MappingTable, SizeCheck, TensorSource,
+                                               count_indexed, dim, size_hint)
 from vlm2om.exporters.core.options import Gears
-from vlm2om.exporters.llm.common import LlmParts, group_bounds
-from vlm2om.exporters.llm.internlm2 import InternLM2Spec
+from vlm2om.exporters.llm.common import LlmParts
+from vlm2om.exporters.llm.weights import LlmModules
+from vlm2om.exporters.llm.internlm2 import InternLM2Spec, internlm2_bounds
 
 # Where each PLoRA kind sits in a layer (the original's module paths).
 LORA_PATHS = {"wqkv": "attention.wqkv", "wo": "attention.wo", "w1": "feed_forward.w1",
@@ -145,34 +143,11 @@ def lora_ranks(source: TensorSource, layers: int, keys: InternLM2Keys = XCOMPOSE
     return ranks
 
 
-# --- plans and states ------------------------------------------------------------------------
+# --- plans and states (exporters/llm/weights.py) -------------------------------------------------
 
-def llm_shapes(cfg: InternLM2Config) -> dict[str, torch.Size]:
-    want = expected_shapes(on_meta(lambda: InternLM2Embedding(cfg)))
-    want.update(expected_shapes(on_meta(lambda: InternLM2DecoderGroup(cfg, 0, cfg.layers, 1))))
-    return want
-
-
-def llm_plan(source: TensorSource, cfg: InternLM2Config, keys: InternLM2Keys = XCOMPOSER2,
-             check_unmapped: bool = True) -> Plan:
-    """Every name and shape of the whole LLM (reads no tensor data)."""
-    return (keys.embed + keys.decoder).plan(source, llm_shapes(cfg), {"i": range(cfg.layers)}, check_unmapped)
-
-
-def embed_state(source: TensorSource, cfg: InternLM2Config, dtype: torch.dtype | None = None,
-                keys: InternLM2Keys = XCOMPOSER2) -> LoadReport:
-    """State for ``InternLM2Embedding(cfg)``; reads only the embedding matrix."""
-    want = expected_shapes(on_meta(lambda: InternLM2Embedding(cfg)))
-    return keys.embed.apply(source, want, dtype=dtype, check_unmapped=False, what="InternLM2 tok_embeddings")
-
-
-def decoder_group_state(source: TensorSource, cfg: InternLM2Config, start: int, stop: int,
-                        dtype: torch.dtype | None = None, keys: InternLM2Keys = XCOMPOSER2) -> LoadReport:
-    """State for ``InternLM2DecoderGroup(cfg, start, stop)``, reading only that group's tensors."""
-    want = expected_shapes(on_meta(lambda: InternLM2DecoderGroup(cfg, start, stop, rope_length=1)))
-    layers = {"i": {j: start + j for j in range(stop - start)}}
-    return keys.decoder.apply(source, want, layers, dtype, check_unmapped=False,
-                              what=f"InternLM2 layers [{start}, {stop})")
+MODULES = LlmModules(InternLM2Embedding, InternLM2DecoderGroup, "InternLM2", "tok_embeddings", XCOMPOSER2)
+llm_shapes, llm_plan, embed_state, decoder_group_state = (MODULES.shapes, MODULES.plan, MODULES.embed_state,
+                                                          MODULES.group_state)
 
 
 def llm_size_hint(source: TensorSource, cfg: InternLM2Config, keys: InternLM2Keys, origin: str) -> str | None:
@@ -202,26 +177,15 @@ def checkpoint_internlm2(open_source: Callable[[], TensorSource], cfg: InternLM2
                          gears: Gears, dtype: str, tokenizer: dict) -> LlmParts:
     """Builders that each open the checkpoint (``open_source``) and read one graph's tensors at
     ``dtype`` (range-checked when cast); ``tokenizer`` is the manifest entry (internlm2.tokenizer_entry)."""
-    td, rope = getattr(torch, dtype), gears.rope_length
+    rope = gears.rope_length
     if cfg.rope_scaling == "dynamic" and rope > cfg.max_positions:
         raise CheckpointError(f"dynamic NTK RoPE (config.json rope_scaling): the gears need {rope} positions, "
                               f"beyond max_position_embeddings {cfg.max_positions}, where the original's table "
                               "depends on the history of the process; give smaller --cache-gears/--seq-gears")
-    bounds = group_bounds(cfg.layers, gears.layers_per_group)
-
-    def embed():
-        return cast_module(assign(lambda: InternLM2Embedding(cfg), embed_state(open_source(), cfg, td, keys).state), td)
-
-    def group(i: int):
-        a, b = bounds[i]
-        state = decoder_group_state(open_source(), cfg, a, b, td, keys).state
-        g = assign(lambda: InternLM2DecoderGroup(cfg, a, b, rope, gears.kv_layout), state)
-        g.init_buffers(rope)  # the RoPE tables were built on the meta device
-        return cast_module(g, td)
-
-    return LlmParts(InternLM2Spec(cfg, gears.kv_layout, tokenizer), bounds, embed, group)
+    return MODULES.lazy(open_source, cfg, keys, InternLM2Spec(cfg, gears.kv_layout, tokenizer),
+                        internlm2_bounds(cfg, gears), dtype, rope, gears.kv_layout)
 
 
-__all__ = ["DEFAULTS", "LORA_PATHS", "XCOMPOSER2", "InternLM2Keys", "checkpoint_internlm2",
+__all__ = ["DEFAULTS", "LORA_PATHS", "MODULES", "XCOMPOSER2", "InternLM2Keys", "checkpoint_internlm2",
            "decoder_group_state", "embed_state", "internlm2_config", "llm_plan", "llm_shapes", "llm_size_hint",
            "lora_ranks"]

@@ -14,10 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from vlm2om.graphs.common import cast_module
 from vlm2om.graphs.llama import LlamaConfig, LlamaDecoderGroup, LlamaEmbedding
 
-from vlm2om.exporters.core.checkpoints import assign
 from vlm2om.exporters.core.options import Gears
 from vlm2om.exporters.core.subgraph import Subgraph, TensorDecl
 from vlm2om.exporters.llm.embed import embed_subgraph
@@ -104,17 +102,6 @@ def checkpoint_llm(folder: Path, llama: LlamaConfig, keys, gears: Gears, dtype: 
     """Builders reading a Hugging Face-style folder through ``llama_weights`` with ``keys``."""
     from vlm2om.exporters.llm import llama_weights as lw
 
-    td, rope = getattr(torch, dtype), gears.rope_length
-    bounds = group_bounds(llama.layers, gears.layers_per_group)
-
-    def embed():
-        return assign(lambda: LlamaEmbedding(llama), lw.embed_state(folder, llama, td, keys).state).eval()
-
-    def group(i: int):
-        a, b = bounds[i]
-        state = lw.decoder_group_state(folder, llama, a, b, td, keys).state
-        g = assign(lambda: LlamaDecoderGroup(llama, a, b, rope, gears.kv_layout), state)
-        g.init_buffers(rope)
-        return cast_module(g, td)
-
-    return LlmParts(LlamaSpec(llama, gears.kv_layout), bounds, embed, group)
+    return lw.MODULES.lazy(lambda: folder, llama, keys, LlamaSpec(llama, gears.kv_layout),
+                           group_bounds(llama.layers, gears.layers_per_group), dtype, gears.rope_length,
+                           gears.kv_layout)

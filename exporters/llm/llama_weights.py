@@ -16,14 +16,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from vlm2om.graphs.llama import LlamaConfig, LlamaDecoderGroup, LlamaEmbedding
 
-from vlm2om.exporters.core.checkpoints import (CheckpointError, Ignore, LoadReport, MappingTable, Plan, SizeCheck,
-                                               TensorSource, check_plans, count_indexed, dim, expected_shapes,
-                                               on_meta, open_hf_folder, size_hint)
+from vlm2om.exporters.core.checkpoints import (CheckpointError, Ignore, LoadReport, MappingTable, SizeCheck,
+                                               TensorSource, check_plans, count_indexed, dim, size_hint)
 from vlm2om.exporters.core.preflight import read_json
+from vlm2om.exporters.llm.weights import LlmModules, as_source
 
 # transformers' LlamaConfig defaults, for configs that store only what differs (llava-hf's text_config).
 LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
@@ -118,35 +116,11 @@ def vicuna_keys(llm_dir: str | Path) -> LlamaKeys:
     return LlamaKeys(tied=bool(read_json(Path(llm_dir) / "config.json").get("tie_word_embeddings")))
 
 
-def _source(folder) -> TensorSource:
-    return folder if hasattr(folder, "keys") else open_hf_folder(folder)
+# --- plans and states (exporters/llm/weights.py) -------------------------------------------------
 
-
-def embed_state(folder, cfg: LlamaConfig, dtype: torch.dtype | None = None,
-                keys: LlamaKeys = VICUNA) -> LoadReport:
-    """State for ``LlamaEmbedding(cfg)``; reads only the embedding matrix."""
-    want = expected_shapes(on_meta(lambda: LlamaEmbedding(cfg)))
-    return keys.embed.apply(_source(folder), want, dtype=dtype, check_unmapped=False,
-                            what="Vicuna embed_tokens")
-
-
-def decoder_group_state(folder, cfg: LlamaConfig, start: int, stop: int,
-                        dtype: torch.dtype | None = None, keys: LlamaKeys = VICUNA) -> LoadReport:
-    """State for ``LlamaDecoderGroup(cfg, start, stop)``, reading only that group's tensors.
-
-    Keys of other groups are not judged here; ``llm_plan`` / ``check_llm_keys`` check them."""
-    want = expected_shapes(on_meta(lambda: LlamaDecoderGroup(cfg, start, stop, rope_length=1)))
-    layers = {"i": {j: start + j for j in range(stop - start)}}
-    return keys.decoder.apply(_source(folder), want, layers, dtype, check_unmapped=False,
-                              what=f"Vicuna layers [{start}, {stop})")
-
-
-def llm_plan(source: TensorSource, cfg: LlamaConfig, keys: LlamaKeys = VICUNA,
-             check_unmapped: bool = True) -> Plan:
-    """Every name and shape of the whole LLM (reads no tensor data)."""
-    want = expected_shapes(on_meta(lambda: LlamaEmbedding(cfg)))
-    want.update(expected_shapes(on_meta(lambda: LlamaDecoderGroup(cfg, 0, cfg.layers, 1))))
-    return (keys.embed + keys.decoder).plan(source, want, {"i": range(cfg.layers)}, check_unmapped)
+MODULES = LlmModules(LlamaEmbedding, LlamaDecoderGroup, "Vicuna", "embed_tokens", VICUNA)
+llm_shapes, llm_plan, embed_state, decoder_group_state = (MODULES.shapes, MODULES.plan, MODULES.embed_state,
+                                                          MODULES.group_state)
 
 
 def check_llm_keys(folder, cfg: LlamaConfig, keys: LlamaKeys = VICUNA,
@@ -156,7 +130,7 @@ def check_llm_keys(folder, cfg: LlamaConfig, keys: LlamaKeys = VICUNA,
     Raises CheckpointError on missing, mis-shaped or unmapped keys, leading with the sizes the
     checkpoint and ``cfg`` (from ``origin``) disagree on; the returned report's ``state`` is
     empty and ``ignored`` lists the skipped buffers."""
-    source = _source(folder)
+    source = as_source(folder)
     plan = llm_plan(source, cfg, keys)
     check_plans([plan], "the Vicuna checkpoint", lambda: [llm_size_hint(source, cfg, keys, origin)])
     return LoadReport({}, [(plan.source.name, k, why) for k, why in plan.ignored])

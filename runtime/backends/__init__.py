@@ -1,6 +1,8 @@
 """Session backends behind one protocol; each is imported only when chosen."""
 from __future__ import annotations
 
+import numpy as np
+
 from ..errors import InputError
 from .base import Session, TensorSpec
 
@@ -11,7 +13,7 @@ BACKENDS = {
 }
 # The options each backend takes; an option meant for another backend is ignored, so one
 # command line (threads, device id) serves whichever backend `auto` picks.
-OPTIONS = {"ort": ("threads", "providers", "spin"), "om": ("device_id",)}
+OPTIONS = {"ort": ("threads", "providers", "spin", "arena"), "om": ("device_id",)}
 
 
 def resolve_backend(backend: str, bundle) -> str:
@@ -32,7 +34,9 @@ def open_session(backend: str, bundle, graph_name: str, low_memory: bool = False
     weights are ever in memory (a 7B bundle on a machine that cannot hold it; slow, since
     every decode step reloads every layer group)."""
     if low_memory:
-        return StreamedSession(bundle, graph_name, lambda: open_session(backend, bundle, graph_name, **options))
+        # onnxruntime's arena would be built and dropped with each run, so run without it (a lower peak).
+        streamed = {**options, "arena": False} if resolve_backend(backend, bundle) == "ort" else options
+        return StreamedSession(bundle, graph_name, lambda: open_session(backend, bundle, graph_name, **streamed))
     backend = resolve_backend(backend, bundle)
     unknown = set(options) - {o for names in OPTIONS.values() for o in names}
     if unknown:
@@ -57,9 +61,11 @@ class StreamedSession:
         self.outputs = [TensorSpec.from_manifest(e) for e in entry["outputs"]]
 
     def run(self, feeds):
+        """The outputs are copied before the session closes: onnxruntime's output arrays keep the
+        memory they live in, which is the closed session's arena (1.5 GB a group at 7B size), alive."""
         session = self._open()
         try:
-            return session.run(feeds)
+            return {k: np.array(v, copy=True) for k, v in session.run(feeds).items()}
         finally:
             session.close()
 

@@ -64,8 +64,9 @@ def session_options(threads: int = 0, spin: bool = False):
 
 class OrtSession:
     def __init__(self, bundle, graph_name: str, threads: int = 0,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",), spin: bool = False):
-        """``threads``, ``spin``: see ``session_options``."""
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",), spin: bool = False, arena: bool = True):
+        """``threads``, ``spin``: see ``session_options``; ``arena`` False: no CPU memory arena (a
+        session that runs once, as ``low_memory`` opens them, gains nothing from one)."""
         import onnxruntime as ort
 
         entry = bundle.graph(graph_name)
@@ -74,6 +75,7 @@ class OrtSession:
         self.inputs = [TensorSpec.from_manifest(e) for e in entry["inputs"]]
         self.outputs = [TensorSpec.from_manifest(e) for e in entry["outputs"]]
         opts = session_options(threads, spin)
+        opts.enable_cpu_mem_arena = arena
         if not prepack_fits(bundle):
             opts.add_session_config_entry("session.disable_prepacking", "1")
         path = bundle.path(entry["file"])

@@ -75,7 +75,7 @@ def _no_graph_export(*args, **kw):
 
 def test_unknown_model_lists_the_models(tmp_path):
     expect_error(invoke("export", "gpt5", "--out", tmp_path / "x"),
-                 "unknown model 'gpt5' (available: minigpt4, llava15, visualglm)", code=1)
+                 "unknown model 'gpt5' (available: minigpt4, llava15, visualglm, ixc2-vl, ixc2-4khd)", code=1)
     assert list(tmp_path.iterdir()) == []
 
 

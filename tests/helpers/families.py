@@ -43,6 +43,13 @@ COVERAGE: dict[str, FamilyCoverage] = {
                 "tests/runtime/test_glm_positions.py", "tests/exporters/families/visualglm/test_end_to_end.py"),
         checkpoints=("tests/exporters/families/visualglm/test_checkpoints.py",),
         prompt="tests/exporters/families/visualglm/test_prompt_literal.py"),
+    **{name: FamilyCoverage(
+        bundle_fixture=f"{fixture}_bundle", modules_fixture=f"{fixture}_modules",
+        oracle=("tests/graphs/test_internlm2.py", "tests/graphs/test_ixc2_vision.py", "tests/runtime/test_hd_grid.py",
+                "tests/exporters/families/ixc2/test_end_to_end.py"),
+        checkpoints=("tests/exporters/families/ixc2/test_checkpoints.py",),
+        prompt="tests/exporters/families/ixc2/test_prompt_literal.py")
+       for name, fixture in (("ixc2-vl", "ixc2_vl"), ("ixc2-4khd", "ixc2_4khd"))},
 }
 
 

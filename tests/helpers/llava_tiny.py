@@ -150,3 +150,19 @@ def write_llava_original(folder: Path, model, fmt: str = "bin", clip_beside: boo
                "text_projection.weight": torch.randn(8, 16), "logit_scale": torch.tensor(4.6)}
     torch.save(weights, clip / "pytorch_model.bin")  # fp32, as OpenAI's folder
     return folder
+
+
+def export_hf_llava(root: Path, cache_gears: tuple[int, ...], batch_gears: tuple[int, ...] | None = None, seed: int = 0):
+    """(the HF model, its bundle): ``hf_llava`` saved as a llava-hf folder under ``root`` and
+    exported from it with ``--checkpoint`` (fp32, seq gears 1/16/64, one layer per group)."""
+    from vlm2om.exporters.core.driver import write_bundle
+    from vlm2om.exporters.core.extras import ExportExtras
+    from vlm2om.exporters.families.llava15 import recipe as llava
+
+    model = hf_llava(seed=seed)
+    ckpt = write_llava_hf(root / "llava-1.5-tiny-hf", model, "saved")
+    opts = llava.ExportOptions(preset=None, checkpoint=ckpt, dtype="float32", seq_gears=(1, 16, 64),
+                               cache_gears=cache_gears, layers_per_group=1)
+    extras = {"extras": ExportExtras(batch_gears=batch_gears)} if batch_gears else {}
+    write_bundle(llava.plan(opts), root / "bundle", echo=lambda s: None, **extras)
+    return model, root / "bundle"

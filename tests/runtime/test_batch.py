@@ -74,3 +74,10 @@ def test_bundle_without_batch_gears_runs_batch_one_only(tiny_bundle, sample_imag
     list(chat.ask(QUESTIONS[1], GREEDY))
     res = gen.generate([gen.prompt(pipe.encode_image(sample_image), QUESTIONS[1])], GREEDY)
     assert res.sequences[0].tokens == chat.last.tokens
+
+
+def test_a_batch_refuses_beam_search(tiny_batch_bundle, sample_image):
+    """Beams are a chat turn's batch rows; a batch has its rows already."""
+    pipe = open_bundle(tiny_batch_bundle)
+    with pytest.raises(InputError, match="beam search answers one prompt at a time"):
+        generate_batch(pipe, [sample_image, sample_image], QUESTIONS[:2], GREEDY.but(num_beams=2))

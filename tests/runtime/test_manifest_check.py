@@ -226,3 +226,40 @@ def test_the_chatglm_tokenizer_and_glm_prompt_entries_are_checked(manifest):
     m["tokenizer"].update(id_offset=0, max_blank=80)
     m["prompt"]["image_open"] = "<img>"
     assert manifest_problems(m) == []
+
+
+@pytest.fixture(scope="module")
+def hd_manifest(ixc2_4khd_bundle) -> dict:
+    return json.loads((ixc2_4khd_bundle / "manifest.json").read_text())
+
+
+def test_the_hd_grid_assembly_passes_and_every_key_edit_is_a_bundle_error(hd_manifest):
+    assert manifest_problems(hd_manifest) == []
+    text = json.dumps(hd_manifest)
+    for path in [p for p in _paths(hd_manifest) if p[:2] == ("pipeline", "image_assembly") or p[:3] == (
+            "preprocess", "steps", 1)]:
+        for value in BAD_VALUES:
+            m = json.loads(text)
+            _set(m, path, value)
+            try:
+                check_manifest(upgrade(m, WHERE), WHERE)
+            except BundleError:
+                pass
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["pipeline"]["image_assembly"].update(kind="tiles"), "pipeline.image_assembly.kind is 'tiles'"),
+    (lambda m: m["pipeline"]["image_assembly"].update(row_separator_row=6),
+     "pipeline.image_assembly.row_separator_row is 6, but 'view_embeds' has 6 rows per view"),
+    (lambda m: m["pipeline"]["image_assembly"].update(tokens_per_side=3), "tokens_per_side is 3: 9 tokens"),
+    (lambda m: m["pipeline"]["image_assembly"].update(global_resize="bilinear"), "bicubic only"),
+    (lambda m: m["pipeline"].update(image_tokens=111), "pipeline.image_tokens is 111"),
+    (lambda m: m["pipeline"].pop("image_assembly"), "pipeline.image_assembly does not say how to lay them out"),
+    (lambda m: m["preprocess"]["steps"].pop(1), "preprocess.steps has no hd_transform step"),
+    (lambda m: m["preprocess"]["steps"][1].update(size=57), "preprocess.steps[1].size is 57, but"),
+    (lambda m: m["preprocess"]["steps"][1].update(hd_num=0), "preprocess.steps[1].hd_num"),
+])
+def test_hd_grid_problems_are_named(hd_manifest, change, message):
+    m = copy.deepcopy(hd_manifest)
+    change(m)
+    assert message in _problems(m)

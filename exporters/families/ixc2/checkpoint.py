@@ -41,7 +41,7 @@ from vlm2om.exporters.core import clip_weights as cw
 from vlm2om.exporters.core.checkpoints import (HF_WEIGHT_FILES, CheckpointError, LoadReport, MappingTable, Plan,
                                                SizeCheck, TensorSource, check_plans, count_indexed, coverage_plan, dim,
                                                expected_shapes, load_plans, on_meta, open_hf_folder, size_hint)
-from vlm2om.exporters.core.preflight import read_json
+from vlm2om.exporters.core.preflight import piece_ids, read_json
 from vlm2om.exporters.llm import internlm2_weights as iw
 
 VIT = "vit.vision_tower.vision_model."
@@ -329,20 +329,9 @@ def projector_state(ck: Ixc2Checkpoint, dtype: torch.dtype | None = None) -> Loa
 
 def chat_ids(ck: Ixc2Checkpoint, model: bytes) -> dict[str, int]:
     """The ids of the chat pieces in tokenizer.model (the prompt's ``specials``), refused if absent."""
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.LoadFromSerializedProto(model)
-    except Exception as err:  # sentencepiece raises RuntimeError/OSError by version
-        raise CheckpointError(f"{ck.tokenizer_model}: not a SentencePiece model ({err})") from None
-    out = {}
-    for piece in CHAT_PIECES:
-        pid = sp.PieceToId(piece)
-        if sp.IdToPiece(pid) != piece:
-            raise CheckpointError(f"{ck.tokenizer_model}: has no {piece} piece; is this InternLM2's tokenizer.model?")
+    out = piece_ids(model, ck.tokenizer_model, CHAT_PIECES, "InternLM2's tokenizer.model")
+    for piece, pid in out.items():
         if pid >= ck.llm.vocab_size:
             raise CheckpointError(f"{ck.tokenizer_model}: {piece} is id {pid}, beyond the model's "
                                   f"{ck.llm.vocab_size} embedding rows")
-        out[piece] = pid
     return out

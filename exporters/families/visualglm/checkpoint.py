@@ -34,7 +34,7 @@ from vlm2om.graphs.sat_vit import SatEvaVisionEncoder
 from vlm2om.exporters.core.checkpoints import (HF_WEIGHT_FILES, CheckpointError, DictSource, MappingTable, Plan,
                                                SizeCheck, TensorSource, count_indexed, dim, expected_shapes,
                                                on_meta, open_hf_folder, size_hint)
-from vlm2om.exporters.core.preflight import read_json
+from vlm2om.exporters.core.preflight import piece_ids, read_json
 from vlm2om.exporters.llm import chatglm_weights as gw
 
 TOKENIZER_FILE = "ice_text.model"
@@ -222,18 +222,10 @@ def id_offset(files: VisualGLMFiles) -> tuple[int, str]:
 def check_tokenizer(files: VisualGLMFiles, model: bytes, ids: dict, offset: int, origin: str) -> tuple[int, int]:
     """(bos, eos) model ids: ``<sop>``/``<eop>`` + ``offset`` must be the config's bos/eos ids
     (SAT's config has no eos id: then the tokenizer's is taken)."""
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.LoadFromSerializedProto(model)
-    except Exception as err:  # sentencepiece raises RuntimeError/OSError by version
-        raise CheckpointError(f"{files.tokenizer}: not a SentencePiece model ({err})") from None
+    pieces = piece_ids(model, files.tokenizer, ("<sop>", "<eop>"), f"ChatGLM-6B's {TOKENIZER_FILE}")
     got = {}
     for name, piece in (("bos", "<sop>"), ("eos", "<eop>")):
-        pid = sp.PieceToId(piece)
-        if sp.IdToPiece(pid) != piece:
-            raise CheckpointError(f"{files.tokenizer}: has no {piece} piece; is this ChatGLM-6B's {TOKENIZER_FILE}?")
+        pid = pieces[piece]
         got[name] = pid + offset
         want = ids.get(f"{name}")
         if want is not None and got[name] != want:

@@ -12,20 +12,13 @@ import sentencepiece as spm
 from PIL import Image
 
 from tests.helpers.images import synthetic_image
+from tests.helpers.ixc2_original import META
 from vlm2om.runtime import open_bundle
 from vlm2om.runtime.preprocess import preprocess
 from vlm2om.runtime.prompts import Conversation
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-META = ("You are an AI assistant whose name is InternLM-XComposer (浦语·灵笔).\n"
-        "- InternLM-XComposer (浦语·灵笔) is a multi-modality conversational language model that is developed by "
-        "Shanghai AI Laboratory (上海人工智能实验室). It is designed to be helpful, honest, and harmless.\n"
-        "- InternLM-XComposer (浦语·灵笔) can understand and communicate fluently in the language chosen by the "
-        "user such as English and 中文.\n"
-        "- InternLM-XComposer (浦语·灵笔) is capable of comprehending and articulating responses effectively based "
-        "on the provided image.")
-
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):

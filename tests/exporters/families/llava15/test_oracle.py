@@ -20,10 +20,9 @@ import transformers as T
 from PIL import Image
 
 from tests.helpers.images import llava_expand2square
-from tests.helpers.llava_tiny import IMAGE_TOKEN, IMAGE_TOKENS, VISION, hf_llava, write_llava_hf
+from tests.helpers.llava_tiny import IMAGE_TOKEN, IMAGE_TOKENS, VISION, export_hf_llava
 
 from vlm2om.exporters.families.llava15 import recipe as llava
-from vlm2om.exporters.core.driver import write_bundle
 from vlm2om.runtime import GenerationConfig, open_bundle
 from vlm2om.runtime.preprocess import preprocess
 from vlm2om.runtime.prompts import Conversation, tokenize_prompt
@@ -36,12 +35,8 @@ NEW_TOKENS = 24
 def oracle(tmp_path_factory):
     """(HF model, the bundle exported from its llava-hf folder)."""
     root = tmp_path_factory.mktemp("llava-oracle")
-    model = hf_llava(seed=0)
-    ckpt = write_llava_hf(root / "llava-1.5-tiny-hf", model, "saved")
-    opts = llava.ExportOptions(preset=None, checkpoint=ckpt, dtype="float32", seq_gears=(1, 16, 64),
-                               cache_gears=(128, 256), layers_per_group=1)
-    write_bundle(llava.plan(opts), root / "bundle", echo=lambda s: None)
-    return model, open_bundle(root / "bundle")
+    model, bundle = export_hf_llava(root, cache_gears=(128, 256))
+    return model, open_bundle(bundle)
 
 
 def _prompt_ids(pipe) -> list[list[int]]:

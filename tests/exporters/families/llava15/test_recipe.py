@@ -4,18 +4,15 @@ ATC lint, the fake ATC + ais_bench stand-in (same tokens as onnxruntime), chat, 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import ROOT, run_cli
-from tests.helpers import ais_bench_standin as standin
-from tests.helpers.fake_cann import install_fake_cann
+from tests.helpers.om_compare import om_and_ort_answers
 from tests.helpers.templates import LLAVA_V1, VICUNA_V1
 from vlm2om.exporters.families import FAMILIES
 from vlm2om.exporters.families.llava15 import recipe as llava
-from vlm2om.exporters.ascend.compile import CompileOptions, compile_bundle
 from vlm2om.exporters.ascend.lint import keep_dtype_plan, lint_path
 from vlm2om.runtime import Bundle, GenerationConfig, InputError, open_bundle
 
@@ -79,22 +76,9 @@ def test_chat_two_turns(llava_bundle, sample_image):
 
 
 def test_om_stand_in_gives_the_same_tokens_as_onnxruntime(llava_bundle, tmp_path, monkeypatch, sample_image):
-    bundle = tmp_path / "bundle"
-    shutil.copytree(llava_bundle, bundle)
-    install_fake_cann(tmp_path / "Ascend", monkeypatch)
-    compile_bundle(bundle, CompileOptions(), echo=lambda s: None)
-    standin.install(monkeypatch)
-    answers = {}
-    for backend in ("ort", "om"):
-        pipe = open_bundle(bundle, backend=backend)
-        chat = pipe.chat(sample_image)
-        answers[backend] = []
-        for question in ("What is in the picture?", "And its colour?"):  # the second reuses the cache
-            list(chat.ask(question, GREEDY))
-            answers[backend].append(chat.last.tokens)
-        pipe.close()
+    answers, modes, sessions = om_and_ort_answers(llava_bundle, tmp_path, monkeypatch, sample_image,
+                                                  ("What is in the picture?", "And its colour?"), GREEDY)
     assert answers["om"] == answers["ort"] and all(answers["om"])
-    modes = {Path(s.model_path).name.split("_linux")[0]: s.calls[0]["mode"] for s in standin.SESSIONS if s.calls}
     assert modes["vision"] == modes["projector"] == "static" and modes["decoder_0"] == "dymdims"
 
 

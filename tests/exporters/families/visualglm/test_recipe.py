@@ -3,17 +3,11 @@ lint, the fake ATC + ais_bench stand-in (same tokens as onnxruntime), the one-ch
 prefill, and the CLI as ``make export MODEL=visualglm`` runs it, then verify and bench."""
 from __future__ import annotations
 
-import csv
-import os
-import shutil
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, run_cli
-from tests.helpers import ais_bench_standin as standin
-from tests.helpers.fake_cann import install_fake_cann
-from vlm2om.exporters.ascend.compile import CompileOptions, compile_bundle
+from tests.helpers.cli_flow import export_run_chat_verify_bench
+from tests.helpers.om_compare import om_and_ort_answers
 from vlm2om.exporters.ascend.lint import lint_path
 from vlm2om.exporters.families.visualglm import recipe
 from vlm2om.runtime import Bundle, GenerationConfig, InputError, open_bundle
@@ -47,40 +41,11 @@ def test_a_context_longer_than_the_largest_seq_gear_is_refused(visualglm_bundle,
 
 
 def test_om_stand_in_gives_the_same_tokens_as_onnxruntime(visualglm_bundle, tmp_path, monkeypatch, sample_image):
-    bundle = tmp_path / "bundle"
-    shutil.copytree(visualglm_bundle, bundle)
-    install_fake_cann(tmp_path / "Ascend", monkeypatch)
-    compile_bundle(bundle, CompileOptions(), echo=lambda s: None)
-    standin.install(monkeypatch)
-    answers = {}
-    for backend in ("ort", "om"):
-        chat = open_bundle(bundle, backend=backend).chat(sample_image)
-        for q in ("描述这张图片。", "What else?"):
-            "".join(chat.ask(q, GREEDY))
-            answers.setdefault(backend, []).append(chat.last.tokens)
+    answers, modes, sessions = om_and_ort_answers(visualglm_bundle, tmp_path, monkeypatch, sample_image,
+                                                  ("描述这张图片。", "What else?"), GREEDY)
     assert answers["om"] == answers["ort"]
-    modes = {Path(s.model_path).name.split("_linux")[0]: s.calls[0]["mode"] for s in standin.SESSIONS if s.calls}
     assert modes["vision"] == modes["bridge"] == "static" and modes["decoder_0"] == "dymdims"
 
 
 def test_cli_export_run_chat_verify_bench(tmp_path, sample_image):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = tmp_path / "visualglm"
-    r = run_cli("export", "visualglm", "--preset", "tiny", "--out", out, env=env)
-    assert r.returncode == 0, r.stderr
-    r = run_cli("run", out, "--image", sample_image, "--prompt", "描述这张图片。", "--max-new-tokens", "8",
-                "--stats", env=env, timeout=120)
-    assert r.returncode == 0, r.stderr
-    r = run_cli("chat", out, "--image", sample_image, "--greedy", "--max-new-tokens", "6",
-                input="描述这张图片。\nAnd in English?\n/quit\n", env=env, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.count("assistant> ") == 2
-    r = run_cli("verify", out, "--reference", "--out", tmp_path / "rep", env=env, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "PASS" in r.stdout
-    r = run_cli("bench", out, "--out", tmp_path / "bench", "--batch", "1", "--input-lengths", "64", "--output-lengths", "16", env=env, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    with open(tmp_path / "bench" / "1_batch_performance_visualglm.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert rows and {"Batch", "TokensPerSecond", "ResponseTime(ms)", "FirstTokenTime(ms)",
-                     "TimePerTokens(ms)"} <= set(rows[0])
+    export_run_chat_verify_bench("visualglm", tmp_path, sample_image, "描述这张图片。", "And in English?")
