@@ -138,8 +138,8 @@ class OriginalIxc2:
 
     def _hook_layer(self, layer, state: dict, prefix: str, qkv: dict) -> None:
         def hook(a: torch.Tensor, b: torch.Tensor, scale: float):
-            def add(module, args, out):
-                if self.mask is None or not self.mask.any():
+            def add(module, args, out):  # PLoRA on the prompt's pass only: a decode step has im_mask 0
+                if self.mask is None or out.shape[1] != self.mask.shape[1] or not self.mask.any():
                     return out
                 delta = (args[0] @ a.T) @ b.T * scale
                 return out + delta * self.mask[..., None].to(out.dtype)
@@ -197,9 +197,8 @@ class OriginalIxc2:
                 ids.extend(self.sp.EncodeAsIds(chunk))
         return ids
 
-    @torch.no_grad()
-    def greedy(self, image_rows: torch.Tensor, text: str, steps: int) -> tuple[list[int], list[np.ndarray]]:
-        """(tokens, the next-token logits before each)."""
+    def context(self, image_rows: torch.Tensor, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings [L, H], im_mask [L] bool) of interleav_wrap_chat: each part, the image rows."""
         embed = self.llm.model.embed_tokens
         parts, embeds, mask = text.split("<ImageHere>"), [], []
         assert len(parts) == 2
@@ -211,7 +210,14 @@ class OriginalIxc2:
             if i == 0:
                 embeds.append(image_rows)
                 mask.append(torch.ones(len(image_rows), dtype=torch.bool))
-        x, m, out, logits = torch.cat(embeds), torch.cat(mask), [], []
+        return torch.cat(embeds), torch.cat(mask)
+
+    @torch.no_grad()
+    def greedy(self, image_rows: torch.Tensor, text: str, steps: int) -> tuple[list[int], list[np.ndarray]]:
+        """(tokens, the next-token logits before each)."""
+        embed = self.llm.model.embed_tokens
+        x, m = self.context(image_rows, text)
+        out, logits = [], []
         self.mask = m[None]  # PLoRA on the prompt's image rows; every generated token has im_mask 0
         step = self.llm(inputs_embeds=x[None], use_cache=True)
         self.mask = None
@@ -221,3 +227,16 @@ class OriginalIxc2:
             step = self.llm(inputs_embeds=embed(torch.tensor([[out[-1]]])), use_cache=True,
                             **{CACHE_ARG: step[CACHE_ARG]})
         return out, logits
+
+    @torch.no_grad()
+    def beams(self, image_rows: torch.Tensor, text: str, steps: int, eos: list[int], **kwargs) -> list[int]:
+        """The README's ``chat(..., do_sample=False, num_beams=n)``: transformers' own beam search."""
+        x, m = self.context(image_rows, text)
+        self.mask = m[None]
+        try:
+            out = self.llm.generate(inputs_embeds=x[None], attention_mask=torch.ones(1, len(x), dtype=torch.long),
+                                    do_sample=False, max_new_tokens=steps, eos_token_id=eos, pad_token_id=eos[0],
+                                    **kwargs)
+        finally:
+            self.mask = None
+        return out[0].tolist()

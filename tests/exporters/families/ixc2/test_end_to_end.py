@@ -6,7 +6,8 @@ A tiny checkpoint folder in the published layout is exported with ``vlm2om expor
 --checkpoint`` (so the loader's tables are part of the check), then run on onnxruntime: the image
 rows, and greedy tokens for 32 steps on two turns (the second reusing the cached prefix), equal
 the original's. 4KHD runs an image that needs several crops and, with a run-time ``hd_num`` of 1,
-one that needs one. The bundle has no meta instruction (``--meta-instruction ''``), so the image is
+one that needs one. The README's ``num_beams=3`` decoding on the bundle's batch gear equals
+transformers' own beam search over the same computation. The bundle has no meta instruction (``--meta-instruction ''``), so the image is
 half of the prompt and moves the logits well beyond the tolerance; test_prompt_literal.py checks
 the default one."""
 from __future__ import annotations
@@ -25,6 +26,7 @@ from vlm2om.runtime import GenerationConfig, open_bundle
 STEPS = 32
 GREEDY = GenerationConfig(max_new_tokens=STEPS, do_sample=False, stop_on_eos=False, stop_strings=())
 LOGITS_ATOL = 2e-5
+BEAM_STEPS = 32
 QUESTIONS = ("Describe this image in detail.", "What colour is the top left corner?")
 
 
@@ -43,7 +45,8 @@ def exported(request, tmp_path_factory):
     state = write_ixc2_checkpoint(root / "ckpt", variant, seed=4, edit=_strong_image_side)
     bundle = root / "bundle"
     args = ["export", f"ixc2-{variant}", "--checkpoint", str(root / "ckpt"), "--out", str(bundle),
-            "--dtype", "float32", "--meta-instruction", "", "--seq-gears", "1,32,128", "--cache-gears", "512,1024", "--layers-per-group", "1"]
+            "--dtype", "float32", "--meta-instruction", "", "--seq-gears", "1,32,128", "--cache-gears", "512,1024", "--layers-per-group", "1",
+            "--batch-gears", "1,4"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     return variant, state, bundle
@@ -103,3 +106,24 @@ def test_plora_matters_on_image_rows(exported):
     _, a = on.greedy(on.image(image), prompt, 1)
     _, b = without.greedy(on.image(image), prompt, 1)
     assert np.abs(a[0] - b[0]).max() > 100 * LOGITS_ATOL
+
+
+def test_beam_search_as_the_readme_decodes_equals_transformers(exported):
+    """``chat(..., do_sample=False, num_beams=3)`` with chat's repetition penalty 1.005: the bundle's
+    beams on its batch gear against transformers' own beam search over the original's computation."""
+    variant, state, bundle = exported
+    tokenizer = (bundle / "tokenizer.model").read_bytes()
+    original = OriginalIxc2(state, variant, tokenizer)
+    image = synthetic_image(90, 60, seed=3)
+    pipe = open_bundle(bundle)
+    chat = pipe.chat(image)
+    cfg = GenerationConfig(max_new_tokens=BEAM_STEPS, do_sample=False, num_beams=3, repetition_penalty=1.005,
+                           stop_strings=())
+    "".join(chat.ask(QUESTIONS[0], cfg))
+    prompt = original.prompt([], "<ImageHere>" + QUESTIONS[0], meta="")
+    want = original.beams(original.image(image), prompt, BEAM_STEPS, list(pipe.eos_ids), num_beams=3,
+                          repetition_penalty=1.005)
+    assert chat.last.tokens == [t for t in want if t not in pipe.eos_ids]
+    if variant == "4khd":  # there the beams choose another answer than greedy decoding (VL's tiny model
+        greedy, _ = original.greedy(original.image(image), prompt, BEAM_STEPS)  # repeats one token either way)
+        assert want != greedy

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.cli_flow import export_run_chat_verify_bench
 from tests.helpers.om_compare import om_and_ort_answers
 from vlm2om.exporters.families.ixc2 import recipe
@@ -41,17 +43,20 @@ def test_real_gears_fit_atc_and_the_largest_hd_image():
     assert (11 * 5 + 1) * 144 + 1 + 12 * 12 + 1024 < max(recipe.REAL_GEARS["4khd"].cache)
 
 
-def test_om_stand_in_gives_the_same_tokens_as_onnxruntime(ixc2_4khd_bundle, tmp_path, monkeypatch, sample_image):
-    answers, modes, sessions = om_and_ort_answers(ixc2_4khd_bundle, tmp_path, monkeypatch, sample_image,
-                                                  ("Describe this image.", "What else?"), GREEDY)
+@pytest.mark.parametrize("fixture", ["ixc2_vl_bundle", "ixc2_4khd_bundle"])
+def test_om_stand_in_gives_the_same_tokens_as_onnxruntime(fixture, request, tmp_path, monkeypatch, sample_image):
+    answers, modes, sessions = om_and_ort_answers(request.getfixturevalue(fixture), tmp_path, monkeypatch,
+                                                  sample_image, ("Describe this image.", "What else?"), GREEDY)
     assert answers["om"] == answers["ort"]
     assert modes["vision"] == modes["projector"] == "static" and modes["decoder_0"] == "dymdims"
-    assert max(len(s.calls) for s in sessions if Path(s.model_path).name.startswith("vision")) > 1  # per view
+    runs = max(len(s.calls) for s in sessions if Path(s.model_path).name.startswith("vision"))
+    assert runs == 1 if fixture == "ixc2_vl_bundle" else runs > 1  # 4KHD: one run per view
 
 
-def test_cli_export_run_chat_verify_bench(tmp_path, sample_image):
-    export_run_chat_verify_bench("ixc2-4khd", tmp_path, sample_image, "Describe this image.", "And the colours?", run_args=("--hd-num", "4"),
-                                 bench_input=600)  # the meta instruction and the image: ~540 positions
+@pytest.mark.parametrize("family, run_args", [("ixc2-vl", ()), ("ixc2-4khd", ("--hd-num", "4"))])
+def test_cli_export_run_chat_verify_bench(family, run_args, tmp_path, sample_image):
+    export_run_chat_verify_bench(family, tmp_path, sample_image, "Describe this image.", "And the colours?",
+                                 run_args=run_args, bench_input=600)  # the meta instruction and the image: ~540
 
 
 def test_the_last_decoder_file_holds_one_layer_beside_the_output():
@@ -65,8 +70,6 @@ def test_the_last_decoder_file_holds_one_layer_beside_the_output():
 
 def test_the_prompt_check_counts_hd_rows_from_the_image_header(ixc2_4khd_bundle):
     """Before any graph loads: the rows an image makes at the hd_num asked for, counted from its size."""
-    import pytest
-
     from vlm2om.runtime import InputError
     from vlm2om.runtime.pipeline import check_prompt
 
