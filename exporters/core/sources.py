@@ -78,9 +78,10 @@ class TensorSource(Protocol):
 class DictSource:
     """A state dict from a pickle: bare, or under ``subkey`` (e.g. LAVIS' ``['model']``)."""
 
-    def __init__(self, path: str | Path, subkey: str | None = None):
+    def __init__(self, path: str | Path, subkey: str | None = None, loaded: object | None = None):
+        """``loaded``: the file's object when the caller has read it already (``load_pickle``)."""
         path = Path(path)
-        obj = load_pickle(path)
+        obj = load_pickle(path) if loaded is None else loaded
         where = f"{path}" + (f"['{subkey}']" if subkey else "")
         if subkey is not None:
             if not isinstance(obj, Mapping) or subkey not in obj:
