@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 
+from tests.helpers.hf_folders import write_shards
 from vlm2om.exporters.core.tiny_internlm2_tokenizer import VOCAB_SIZE, build_tiny_internlm2_tokenizer
 
 LLM = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -143,21 +143,8 @@ def clip_config() -> dict:
 def _write_weights(folder: Path, state: dict[str, torch.Tensor], layout: str, shards: int) -> None:
     keys = list(state)
     per = -(-len(keys) // shards)
-    weight_map = {}
-    for n in range(shards):
-        part = {k: state[k].contiguous() for k in keys[n * per:(n + 1) * per]}
-        if layout == "safetensors":
-            name = "model.safetensors" if shards == 1 else f"model-{n + 1:05d}-of-{shards:05d}.safetensors"
-            save_file(part, str(folder / name), metadata={"format": "pt"})
-        else:
-            name = "pytorch_model.bin" if shards == 1 else f"pytorch_model-{n + 1:05d}-of-{shards:05d}.bin"
-            torch.save(part, folder / name)
-        weight_map.update(dict.fromkeys(part, name))
-    if shards > 1:
-        index = "model.safetensors.index.json" if layout == "safetensors" else "pytorch_model.bin.index.json"
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        (folder / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                               indent=2))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    write_shards(folder, [{k: state[k] for k in keys[n * per:(n + 1) * per]} for n in range(shards)], layout, total)
 
 
 def write_ixc2_checkpoint(folder: str | Path, variant: str, seed: int = 0, layout: str = "bin", shards: int = 2,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 import transformers as T
-from safetensors.torch import save_file
 
+from tests.helpers.hf_folders import write_shards
 from vlm2om.exporters.core.tiny_tokenizer import VOCAB_SIZE, build_tiny_tokenizer
 
 IMAGE_TOKEN = VOCAB_SIZE  # <image> right after the SentencePiece pieces, as llava-hf's 32000
@@ -60,20 +60,9 @@ def _write_shards(folder: Path, tensors: dict[str, torch.Tensor], fmt: str, shar
     """HF-style shards plus index (or one file when ``shards`` is 1), fp16 like the real ones."""
     folder.mkdir(parents=True, exist_ok=True)
     names = sorted(tensors)
-    groups = [names[i::shards] for i in range(shards)]
-    weight_map = {}
-    for i, group in enumerate(groups, 1):
-        part = {k: tensors[k].to(torch.float16) if tensors[k].is_floating_point() else tensors[k] for k in group}
-        if fmt == "safetensors":
-            name = "model.safetensors" if shards == 1 else f"model-{i:05d}-of-{shards:05d}.safetensors"
-            save_file(part, str(folder / name), metadata={"format": "pt"})
-        else:
-            name = "pytorch_model.bin" if shards == 1 else f"pytorch_model-{i:05d}-of-{shards:05d}.bin"
-            torch.save(part, folder / name)
-        weight_map.update({k: name for k in group})
-    if shards > 1:
-        index = "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
-        (folder / index).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    half = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in tensors.items()}
+    write_shards(folder, [{k: half[k] for k in names[i::shards]} for i in range(shards)],
+                 "safetensors" if fmt == "safetensors" else "bin")
 
 
 def _tokenizer(folder: Path, legacy: bool | None = False) -> None:

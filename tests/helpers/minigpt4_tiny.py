@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from tests.helpers.hf_folders import write_shards
 
 from vlm2om.graphs.common import init_random_
 from vlm2om.graphs.eva_vit import EvaVisionEncoder, EvaVitConfig
@@ -64,19 +64,7 @@ def _write_llm(folder: Path, tensors: dict[str, torch.Tensor], fmt: str) -> None
     for k, v in tensors.items():  # layers 0-1 | layers 2-3 | the rest, like HF's size split
         idx = 2 if not k.startswith("model.layers.") else int(k.split(".")[2]) // 2
         shards[idx][k] = v.to(torch.float16)
-    n, weight_map = len(shards), {}
-    for i, shard in enumerate(shards, 1):
-        if fmt == "safetensors":
-            name = f"model-{i:05d}-of-{n:05d}.safetensors"
-            save_file(shard, str(folder / name), metadata={"format": "pt"})
-        else:
-            name = f"pytorch_model-{i:05d}-of-{n:05d}.bin"
-            torch.save(shard, folder / name)
-        weight_map.update({k: name for k in shard})
-    index = ("model.safetensors.index.json" if fmt == "safetensors"
-             else "pytorch_model.bin.index.json")
-    (folder / index).write_text(
-        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    write_shards(folder, shards, "safetensors" if fmt == "safetensors" else "bin", single_name=False)
 
 
 def _blip2_model(mods) -> dict[str, torch.Tensor]:
