@@ -66,17 +66,35 @@ class VisionChatPipeline:
         pixels = preprocess(image, steps, exif_transpose=self.exif_transpose, hd_num=self.hd_num)
         assembly = pipe.get("image_assembly")
         if assembly is None:
-            return self._image_chain(pixels)
+            return self._image_chain(pixels)[0]
         parts, grid = hd_grid.views(pixels, int(assembly["view_size"]))
-        return hd_grid.layout([self._image_chain(v) for v in parts], grid, assembly)
+        return hd_grid.layout(self._views(parts), grid, assembly)
+
+    def _views(self, views: list[np.ndarray]) -> list[np.ndarray]:
+        """Each view's rows [tokens, hidden], the views run together in batches the image graphs'
+        gears allow: the largest the views left fill, so that no run is padded (unless even the
+        smallest gear is more than what is left)."""
+        gears = self.sessions[self.image_graphs[0]].gears or [{}]
+        batches = sorted({g.get("batch", 1) for g in gears})
+        out, i = [], 0
+        while i < len(views):
+            left = len(views) - i
+            b = max((n for n in batches if n <= left), default=batches[0])
+            chunk = np.concatenate(views[i:i + b])
+            if len(chunk) < b:  # the smallest gear holds more views than are left: pad with zeros
+                chunk = np.concatenate([chunk, np.zeros((b - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+            out.extend(self._image_chain(chunk)[:min(b, left)])
+            i += b
+        return out
 
     def _image_chain(self, pixels: np.ndarray) -> np.ndarray:
+        """The image graphs on ``pixels`` [B, 3, H, W] -> ``pipeline.image_output`` [B, tokens, hidden]."""
         pipe = self.bundle.pipeline
         tensors = {pipe["image_input"]: pixels}
         for name in self.image_graphs:
             sess = self.sessions[name]
             tensors.update(sess.run({s.name: tensors[s.name].astype(s.dtype) for s in sess.inputs}))
-        return tensors[pipe["image_output"]][0]
+        return tensors[pipe["image_output"]]
 
     def chat(self, image=None) -> Chat:
         return Chat(self, image)

@@ -64,10 +64,29 @@ def export_onnx(sg: Subgraph, module: torch.nn.Module, out_dir: Path, opset: int
         model = onnx.load(str(traced))
     if simplify:
         model = _simplify(model, path)
+    _declare_outputs(model, sg)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     for stale in out_dir.glob(f"{sg.name}.onnx*"):
         stale.unlink()
     return attach_weights(model, dict(module.state_dict()), [d.name for d in sg.inputs], path)
+
+
+def _declare_outputs(model: onnx.ModelProto, sg: Subgraph) -> None:
+    """The graph outputs' dims as ``sg`` declares them. The exporter's shape inference names a
+    dim it cannot follow through a Slice or Reshape on a batch gear (``Slice..._dim_1``) though it
+    is static; ATC and the bundle's contract need it static."""
+    dyn, fixed = set(sg.dynamic_dims), sg.trace_gear()
+    decls = {d.name: d for d in sg.outputs}
+    for out in model.graph.output:
+        decl = decls.get(out.name)
+        dims = out.type.tensor_type.shape.dim
+        if decl is None or len(dims) != len(decl.dims):
+            continue
+        for dim, want in zip(dims, decl.dims):
+            if isinstance(want, str) and want in dyn:
+                dim.dim_param = want
+            elif isinstance(want, int) or want in fixed:
+                dim.dim_value = want if isinstance(want, int) else fixed[want]
 
 
 @contextmanager

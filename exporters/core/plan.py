@@ -57,11 +57,17 @@ def reference_modules(image_builders: list[Callable[[], nn.Module]], llm: LlmPar
                             llm.spec)
 
 
-def image_graph(name: str, build: Callable[[], nn.Module], inp: TensorDecl, out: TensorDecl) -> Subgraph:
-    """A static image-side graph, verified on standard-normal inputs of its input's shape."""
+def image_graph(name: str, build: Callable[[], nn.Module], inp: TensorDecl, out: TensorDecl,
+                batches: tuple[int, ...] | None = None) -> Subgraph:
+    """An image-side graph, verified on standard-normal inputs of its input's shape: static, or
+    with ``batches`` its ``batch`` dim takes those values (gears), for images cut into views."""
     td = getattr(torch, inp.dtype)
-    return Subgraph(name, build, [inp], [out],
-                    lambda gear, gen: {inp.name: torch.randn(*inp.dims, generator=gen).to(td)})
+    gears = [{"batch": b} for b in batches] if batches else [{}]
+
+    def make(gear, gen):
+        return {inp.name: torch.randn(*(gear.get(d, d) for d in inp.dims), generator=gen).to(td)}
+
+    return Subgraph(name, build, [inp], [out], make, gears)
 
 
 def assemble(family: str, variant: str, opts: RecipeOptions, gears: Gears, llm: LlmParts,

@@ -7,8 +7,8 @@ before ``post_layernorm``, CLS dropped) [1,3,490,490] -> [1,1225,1024]; ``projec
 bicubic), ToTensor, Normalize(CLIP).
 
 4KHD-7B: the image becomes a global view and h x w crops of 336 px (HD_transform, hd_num crops at
-most), each through ``vision`` ([1,3,336,336] -> [1,576,1024]) and ``projector``
-(graphs/ixc2_vision.py: the 2x2 merge, the separators, ``vision_proj`` -> [1,146,4096]); the
+most), in batches of 1, 2, 4 or 8 views through ``vision`` ([B,3,336,336] -> [B,576,1024]) and
+``projector`` (graphs/ixc2_vision.py: the 2x2 merge, the separators, ``vision_proj`` -> [B,146,4096]); the
 runtime lays the views out (``pipeline.image_assembly``, kind ``hd_grid``), so the image has
 (h*w+1)*144 + 1 + (h+1)*12 rows, a count that varies with the image (``image_tokens`` null).
 
@@ -127,14 +127,21 @@ def build_modules(opts: ExportOptions) -> ReferenceModules:
     return reference_modules([parts.build_vision, parts.build_projector], parts.llm, parts.tokenizer, parts.source)
 
 
+# 4KHD's views go through the tower and the view projector in batches of these many (the runtime
+# splits an image's 1 + h*w views into them without padding: 26 views at hd_num 25 are 8+8+8+2).
+VIEW_BATCHES = (1, 2, 4, 8)
+
+
 def image_subgraphs(parts: Ixc2Parts, dtype: str) -> list[Subgraph]:
     v, hidden = parts.vision_cfg, parts.llm.llama.hidden
-    features = TensorDecl("image_features", dtype, (1, v.num_tokens, v.width))
-    out = (TensorDecl("image_embeds", dtype, (1, v.num_tokens, hidden)) if parts.variant == "vl" else
-           TensorDecl("view_embeds", dtype, (1, parts.proj_cfg.rows, hidden)))
+    hd = parts.variant == "4khd"
+    b, batches = ("batch", VIEW_BATCHES) if hd else (1, None)
+    features = TensorDecl("image_features", dtype, (b, v.num_tokens, v.width))
+    out = (TensorDecl("view_embeds", dtype, (b, parts.proj_cfg.rows, hidden)) if hd else
+           TensorDecl("image_embeds", dtype, (1, v.num_tokens, hidden)))
     return [image_graph("vision", parts.build_vision,
-                        TensorDecl("pixel_values", dtype, (1, 3, v.image_size, v.image_size)), features),
-            image_graph("projector", parts.build_projector, features, out)]
+                        TensorDecl("pixel_values", dtype, (b, 3, v.image_size, v.image_size)), features, batches),
+            image_graph("projector", parts.build_projector, features, out, batches)]
 
 
 def plan(opts: ExportOptions) -> ExportPlan:

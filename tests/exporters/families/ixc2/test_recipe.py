@@ -23,8 +23,10 @@ def test_4khd_manifest_declares_views_and_their_layout(ixc2_4khd_bundle):
     assert p["image_tokens"] is None and p["image_output"] == "view_embeds"
     assert p["image_assembly"] == {"kind": "hd_grid", "view_size": 56, "global_resize": "bicubic",
                                    "tokens_per_side": 2, "global_separator_row": 4, "row_separator_row": 5}
-    assert m["graphs"]["vision"]["inputs"][0]["shape"] == [1, 3, 56, 56]
-    assert m["graphs"]["projector"]["outputs"][0]["shape"] == [1, 6, 64]
+    for name in ("vision", "projector"):  # the views run in batches of 1, 2, 4 or 8
+        assert m["graphs"][name]["gears"] == [{"batch": b} for b in (1, 2, 4, 8)]
+    assert m["graphs"]["vision"]["inputs"][0]["shape"] == ["batch", 3, 56, 56]
+    assert m["graphs"]["projector"]["outputs"][0]["shape"] == ["batch", 6, 64]
     roles = {s["role"] for s in m["graphs"]["decoder_0"]["inputs"]}
     assert "positions" not in roles and "image_mask" in roles  # positions counted from the valid mask
 
@@ -48,9 +50,10 @@ def test_om_stand_in_gives_the_same_tokens_as_onnxruntime(fixture, request, tmp_
     answers, modes, sessions = om_and_ort_answers(request.getfixturevalue(fixture), tmp_path, monkeypatch,
                                                   sample_image, ("Describe this image.", "What else?"), GREEDY)
     assert answers["om"] == answers["ort"]
-    assert modes["vision"] == modes["projector"] == "static" and modes["decoder_0"] == "dymdims"
-    runs = max(len(s.calls) for s in sessions if Path(s.model_path).name.startswith("vision"))
-    assert runs == 1 if fixture == "ixc2_vl_bundle" else runs > 1  # 4KHD: one run per view
+    vl = fixture == "ixc2_vl_bundle"
+    assert modes["vision"] == modes["projector"] == ("static" if vl else "dymdims") and modes["decoder_0"] == "dymdims"
+    runs = [c["shapes"][0][0] for s in sessions if Path(s.model_path).name.startswith("vision") for c in s.calls]
+    assert runs == ([1] if vl else [8, 8, 4, 1])  # 4KHD: the sample image's 1 + 4 x 5 views, never padded
 
 
 @pytest.mark.parametrize("family, run_args", [("ixc2-vl", ()), ("ixc2-4khd", ("--hd-num", "4"))])
