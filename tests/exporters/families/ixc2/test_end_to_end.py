@@ -87,9 +87,8 @@ def test_two_greedy_turns_equal_the_original(exported):
     assert np.abs(other[0][0] - logits[0][0]).max() > 100 * LOGITS_ATOL
 
 
+@pytest.mark.parametrize("exported", ["4khd"], indirect=True)
 def test_4khd_single_crop_with_run_time_hd_num(exported):
-    if exported[0] != "4khd":
-        pytest.skip("hd_num is 4KHD's")
     rows, _ = _two_turns(exported, synthetic_image(64, 64, seed=5), hd_num=1)
     assert rows == (1 + 1) * 4 + 1 + 2 * 2
 
