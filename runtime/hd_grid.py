@@ -32,6 +32,12 @@ MAX_HD_NUM = 1584
 """Most crops asked for: 1584 views of 336 x 336 is just under ``preprocess.MAX_PIXELS``."""
 
 
+def check_hd_num(hd_num: int) -> int:
+    if not 1 <= hd_num <= MAX_HD_NUM:
+        raise InputError(f"hd_num must be between 1 and {MAX_HD_NUM}, got {hd_num}")
+    return hd_num
+
+
 def hd_size(width: int, height: int, hd_num: int, size: int) -> tuple[int, int, int]:
     """(resized width, resized height, padded height) of the wide orientation, as HD_transform."""
     ratio = width / height
@@ -48,8 +54,7 @@ def hd_transform(img, hd_num: int, size: int, fill: tuple[int, ...], name: str =
     """PIL RGB image -> PIL image whose sides are multiples of ``size``, at most ``hd_num`` views."""
     from PIL import Image
 
-    if not 1 <= hd_num <= MAX_HD_NUM:
-        raise InputError(f"hd_num must be between 1 and {MAX_HD_NUM}, got {hd_num}")
+    check_hd_num(hd_num)
     trans = img.size[0] < img.size[1]
     if trans:
         img = img.transpose(Image.Transpose.TRANSPOSE)

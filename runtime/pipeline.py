@@ -121,9 +121,7 @@ def check_hd_num(bundle, hd_num: int | None) -> int | None:
     if not any(s.get("op") == "hd_transform" for s in bundle.manifest["preprocess"]["steps"]):
         raise InputError(f"--hd-num applies to bundles that cut images into views (an hd_transform "
                          f"preprocessing step); bundle '{bundle.root}' has none")
-    if not 1 <= hd_num <= hd_grid.MAX_HD_NUM:
-        raise InputError(f"hd_num must be between 1 and {hd_grid.MAX_HD_NUM}, got {hd_num}")
-    return hd_num
+    return hd_grid.check_hd_num(hd_num)
 
 
 def check_prompt(bundle, question: str, images: int = 1, image_sizes: list[tuple[int, int]] | None = None,
